@@ -1,0 +1,72 @@
+"""`planner dev ...`: manage the local stand-in for a Supabase project."""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import typer
+
+from devstack import stack
+from devstack.postgres import DevStackError
+
+app = typer.Typer(help="The local stack: PostgreSQL 15 + pg_cron + wal2json + Realtime.",
+                  no_args_is_help=True)
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@app.command()
+def up() -> None:
+    """Install what is missing, start the stack, apply scaffolding and migrations (idempotent)."""
+    try:
+        s = stack.up()
+    except DevStackError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"local stack up: PostgreSQL {s.host}:{s.pg_port}, Realtime {s.supabase_url}")
+    typer.echo("run `eval \"$(planner dev env)\"` to point tools at it")
+
+
+@app.command()
+def down() -> None:
+    """Stop the stack; data is kept."""
+    stack.down()
+    typer.echo("local stack stopped (data kept; `planner dev reset` drops it)")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show whether PostgreSQL and Realtime are running."""
+    st = stack.status()
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+        return
+    pg = st["postgres"]
+    rt = st["realtime"]
+    assert isinstance(pg, dict) and isinstance(rt, dict)
+    typer.echo(f"state dir : {st['state_dir']}")
+    typer.echo(f"postgres  : {'running' if pg['running'] else 'stopped'} (port {pg['port']})")
+    typer.echo(f"realtime  : {'running' if rt['running'] else 'stopped'} (port {rt['port']})")
+
+
+@app.command()
+def reset(yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Drop ALL local data and start clean."""
+    if not yes:
+        typer.confirm("Drop all local planner data?", abort=True)
+    try:
+        stack.reset()
+    except DevStackError as exc:
+        _fail(exc)
+    typer.echo("local stack reset: empty database, migrations applied")
+
+
+@app.command()
+def env() -> None:
+    """Print `export NAME=value` lines for the local stack."""
+    for name, value in stack.env().items():
+        typer.echo(f"export {name}={shlex.quote(value)}")

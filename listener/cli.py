@@ -1,0 +1,59 @@
+"""The `planner` command: one entry point for operators, developers and the Procfile."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import typer
+from loguru import logger
+
+from devstack.cli import app as dev_app
+from listener import migrate as migrations
+from solver.cli import register as register_solver
+
+app = typer.Typer(
+    help="Planner engine: job lines from CP-SAT, driven by Supabase Realtime.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+app.add_typer(dev_app, name="dev")
+register_solver(app)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs.")) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="DEBUG" if verbose else "INFO", diagnose=False,
+               format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}")
+
+
+@app.command()
+def migrate(
+    database_url: str = typer.Option(
+        None, "--database-url", envvar="DATABASE_URL",
+        help="Target database (default: $DATABASE_URL, else the local stack).",
+    ),
+) -> None:
+    """Apply pending migrations to any database, a hosted Supabase project included."""
+    if database_url is None:
+        from devstack.settings import DevSettings
+
+        database_url = DevSettings().dsn()
+    try:
+        done = asyncio.run(migrations.migrate(database_url))
+    except migrations.MigrationError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    except (OSError, ConnectionError) as exc:
+        typer.secho(f"error: cannot reach the database: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{len(done)} migration(s) applied" + (": " if done else ""))
+    for m in done:
+        typer.echo(f"  {m.path.name}")
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
