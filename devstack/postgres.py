@@ -180,8 +180,9 @@ wal_level = logical
 max_replication_slots = 64
 max_wal_senders = 64
 # Development speed over crash safety: a clean (fast) shutdown still loses nothing.
+# synchronous_commit stays on: wal2json (and so Realtime) only sees flushed WAL.
 fsync = off
-synchronous_commit = off
+synchronous_commit = on  # logical decoding only sees flushed WAL
 full_page_writes = off
 log_min_messages = warning
 log_line_prefix = '%m [%p] %q%u@%d '

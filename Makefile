@@ -1,0 +1,47 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Both bootstrap everything on a fresh machine (uv, virtualenv, Debian packages, npm packages).
+
+VENV    := .venv
+PLANNER := $(VENV)/bin/planner
+PYTEST_ARGS ?=
+
+.PHONY: help bootstrap up down status demo test lint typecheck pytest chaos bench clean
+
+help:
+	@echo "make demo   - run the main job on the local stack (bootstraps everything)"
+	@echo "make test   - ruff + mypy + the whole test suite against the real local stack"
+	@echo "make up     - start the local stack (PostgreSQL 15 + pg_cron + wal2json + Realtime)"
+	@echo "make down   - stop the local stack (data kept)"
+	@echo "make bench  - print the benchmark tables"
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+up: bootstrap
+	@$(PLANNER) dev up
+
+down:
+	@if [ -x $(PLANNER) ]; then $(PLANNER) dev down; fi
+
+status: bootstrap
+	@$(PLANNER) dev status
+
+demo: up
+	@$(PLANNER) demo
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
+
+typecheck: bootstrap
+	$(VENV)/bin/mypy
+
+pytest: up
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: up
+	$(VENV)/bin/python bench/solver_bench.py --quick
+
+clean: down
+	rm -rf .devstack .venv .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,48 @@
+"""Fixtures: the real local stack, and one cloned, migrated database per test module."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from devstack import stack
+from devstack.settings import DevSettings
+from tests.support.databases import cloned_database
+
+
+@pytest.fixture(scope="session")
+def dev_settings() -> Iterator[DevSettings]:
+    """The developer's local stack, started if needed (and left running, like `make up`)."""
+    settings = stack.up()
+    yield settings
+
+
+@pytest.fixture(scope="module")
+async def db_name(dev_settings: DevSettings) -> AsyncIterator[str]:
+    """A database of this module's own, cloned from the migrated template."""
+    async with cloned_database(dev_settings) as name:
+        yield name
+
+
+@pytest.fixture(scope="module")
+def db_url(dev_settings: DevSettings, db_name: str) -> str:
+    """Superuser DSN of the module's database."""
+    return dev_settings.dsn(db_name)
+
+
+@pytest.fixture(scope="module")
+def engine_url(dev_settings: DevSettings, db_name: str) -> str:
+    """The listener's least-privilege role on the module's database."""
+    return dev_settings.engine_dsn(db_name)
+
+
+@pytest.fixture
+async def pg(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection to the module's database."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()

@@ -1,0 +1,1 @@
+"""Shared test plumbing: real databases cloned from a migrated template."""

@@ -1,0 +1,95 @@
+"""Isolated, real PostgreSQL databases for tests.
+
+The local stack's cluster holds one *template* database per version of the schema (its name
+carries a hash of the scaffolding and migration files), built once with the same code path as
+`planner dev up`. Each test module gets its own clone (`CREATE DATABASE ... TEMPLATE`), which
+takes milliseconds, so tests never see each other's rows and can run in any order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+
+from devstack.settings import DevSettings
+from devstack.stack import SCAFFOLDING_SQL, prepare_database
+from listener.migrate import MIGRATIONS_DIR
+
+_TEMPLATE_LOCK = 0x7465_6D70_6C61
+
+
+def schema_hash() -> str:
+    h = hashlib.sha256(SCAFFOLDING_SQL.read_bytes())
+    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+async def ensure_template(settings: DevSettings) -> str:
+    """Create the migrated template database for the current schema, once."""
+    name = f"planner_tpl_{schema_hash()}"
+    admin = await asyncpg.connect(settings.dsn())
+    try:
+        await admin.execute("select pg_advisory_lock($1)", _TEMPLATE_LOCK)
+        try:
+            exists = await admin.fetchval("select true from pg_database where datname = $1", name)
+            if not exists:
+                await admin.execute(f'create database "{name}_build"')
+                try:
+                    await prepare_database(settings.dsn(f"{name}_build"), settings)
+                except BaseException:
+                    await admin.execute(f'drop database if exists "{name}_build" with (force)')
+                    raise
+                await admin.execute(f'alter database "{name}_build" rename to "{name}"')
+                await admin.execute(f'alter database "{name}" is_template true')
+                # Older templates are left from earlier schema versions; drop the idle ones.
+                stale = await admin.fetch(
+                    "select datname from pg_database where datname like 'planner_tpl_%' "
+                    "and datname <> $1 and datname not like '%_build'",
+                    name,
+                )
+                for row in stale:
+                    try:
+                        await admin.execute(f'alter database "{row[0]}" is_template false')
+                        await admin.execute(f'drop database "{row[0]}"')
+                    except asyncpg.PostgresError:
+                        pass
+        finally:
+            await admin.execute("select pg_advisory_unlock($1)", _TEMPLATE_LOCK)
+    finally:
+        await admin.close()
+    return name
+
+
+async def create_clone(settings: DevSettings, template: str, prefix: str = "t") -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(settings.dsn())
+    try:
+        await admin.execute(f'create database "{name}" template "{template}"')
+    finally:
+        await admin.close()
+    return name
+
+
+async def drop_database(settings: DevSettings, name: str) -> None:
+    admin = await asyncpg.connect(settings.dsn())
+    try:
+        await admin.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def cloned_database(settings: DevSettings, prefix: str = "t") -> AsyncIterator[str]:
+    """A fresh migrated database for the duration of the block; yields its name."""
+    template = await ensure_template(settings)
+    name = await create_clone(settings, template, prefix)
+    try:
+        yield name
+    finally:
+        await drop_database(settings, name)
