@@ -54,6 +54,28 @@ def migrate(
         typer.echo(f"  {m.path.name}")
 
 
+@app.command()
+def listen() -> None:
+    """Run the listener (the Procfile process) until SIGTERM/SIGINT."""
+    from pydantic import ValidationError
+
+    from listener.app import Listener
+    from listener.logs import configure_stdout
+    from listener.settings import ListenerSettings
+
+    try:
+        settings = ListenerSettings()  # type: ignore[call-arg]  # read from the environment
+    except ValidationError as exc:
+        typer.secho("error: invalid listener configuration:", fg=typer.colors.RED, err=True)
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            typer.secho(f"  {name}: {err['msg']}", err=True)
+        typer.secho("see README.md#configuration", err=True)
+        raise typer.Exit(2) from None
+    configure_stdout(settings.log_level, settings.log_format)
+    raise typer.Exit(asyncio.run(Listener(settings).run()))
+
+
 def main() -> None:  # pragma: no cover - console-script shim
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     app()

@@ -1,0 +1,187 @@
+"""The listener process: Realtime wake-ups -> one solver queue -> fenced writes.
+
+    Realtime postgres_changes ─┐
+    catch-up scan (30 s) ──────┼─> RunQueue (oldest first) ─> claim_run ─> RunExecutor ─> DB
+    every (re)subscribe ───────┘                                               │
+                                                  progress broadcasts <────────┘
+
+One solve at a time per process. SIGTERM/SIGINT: stop claiming, let the running solve finish
+within the grace period, else hand it back (PENDING), flush the run logs, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from loguru import logger
+
+from listener import health, metrics
+from listener.broadcast import Broadcaster
+from listener.db import EngineDB
+from listener.logs import RunLogSink
+from listener.queue import RunQueue
+from listener.realtime_link import RealtimeLink
+from listener.settings import ListenerSettings
+from listener.worker import RunExecutor
+
+
+class Listener:
+    def __init__(self, settings: ListenerSettings) -> None:
+        self.s = settings
+        self.queue = RunQueue()
+        self.draining = asyncio.Event()  # set on SIGTERM: stop claiming
+        self.stopped = asyncio.Event()  # set when background tasks must end
+        self._resync = asyncio.Event()
+        self._announced: dict[uuid.UUID, int] = {}
+        self.db: EngineDB | None = None
+        self.bc: Broadcaster | None = None
+        self.link: RealtimeLink | None = None
+        self.log_sink = RunLogSink(capacity=settings.log_buffer)
+        self.current_run: uuid.UUID | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget broadcasts
+
+    # -- hints ------------------------------------------------------------------------------
+    def hint(self, run_id: uuid.UUID, created_at: datetime) -> None:
+        if self.draining.is_set() or run_id == self.current_run:
+            return
+        if self.queue.put(run_id, created_at):
+            logger.debug("run {} queued", run_id)
+            metrics.QUEUE_DEPTH.set(len(self.queue))
+            self._announce_queue()
+
+    def resync(self) -> None:
+        self._resync.set()
+
+    def _announce_queue(self) -> None:
+        """Tell each waiting run its position (only when it changed)."""
+        assert self.bc is not None
+        positions = self.queue.positions()
+        for run_id, pos in positions.items():
+            if self._announced.get(run_id) != pos:
+                self._announced[run_id] = pos
+                task = asyncio.create_task(
+                    self.bc.status(run_id, "PENDING", "queued", position=pos)
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        for gone in set(self._announced) - set(positions):
+            del self._announced[gone]
+
+    # -- loops ------------------------------------------------------------------------------
+    async def _catch_up_loop(self) -> None:
+        assert self.db is not None
+        while not self.draining.is_set():
+            try:
+                pending = await self.db.pending_runs()
+            except Exception as exc:
+                logger.warning("catch-up scan failed: {}", exc)
+                pending = []
+            for run_id, created_at in pending:
+                before = len(self.queue)
+                self.hint(run_id, created_at)
+                if len(self.queue) > before:
+                    metrics.CATCHUP_RUNS.inc()
+            self._resync.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._resync.wait(), timeout=self.s.reconcile_interval_s)
+
+    async def _work_loop(self, executor: RunExecutor) -> None:
+        assert self.db is not None
+        while not self.draining.is_set():
+            getter = asyncio.create_task(self.queue.get())
+            drain = asyncio.create_task(self.draining.wait())
+            await asyncio.wait({getter, drain}, return_when=asyncio.FIRST_COMPLETED)
+            drain.cancel()
+            if not getter.done():
+                getter.cancel()
+                break
+            run_id = getter.result()
+            metrics.QUEUE_DEPTH.set(len(self.queue))
+            self._announce_queue()
+            try:
+                run = await self.db.claim(self.s.worker_id, run_id)
+            except Exception as exc:
+                logger.warning("claim of {} failed: {}; will retry", run_id, exc)
+                await asyncio.sleep(1)
+                self.resync()
+                continue
+            if run is None:
+                continue  # another listener has it, or it is no longer PENDING
+            self.current_run = run.id
+            try:
+                await executor.execute(run, self.draining)
+            finally:
+                self.current_run = None
+
+    async def readiness(self) -> dict[str, Any]:
+        db_ok = await self.db.ping() if self.db is not None else False
+        return {
+            "database": db_ok,
+            "realtime": bool(self.link and self.link.subscribed),
+            "realtime_state": self.link.state if self.link else "starting",
+            "queue_depth": len(self.queue),
+            "current_run": str(self.current_run) if self.current_run else None,
+            "draining": self.draining.is_set(),
+            "worker_id": self.s.worker_id,
+            "log_records_dropped": self.log_sink.dropped,
+        }
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def request_shutdown(self, signame: str = "signal") -> None:
+        if not self.draining.is_set():
+            logger.info("{} received: no new runs will be claimed", signame)
+            self.draining.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_shutdown, sig.name)
+        self.db = await EngineDB.connect(self.s.database_url.get_secret_value())
+        self.bc = Broadcaster(self.s.supabase_url, self.s.service_role_key.get_secret_value())
+        self.link = RealtimeLink(
+            self.s.supabase_url, self.s.service_role_key.get_secret_value(),
+            on_run=self.hint, on_subscribed=self.resync,
+            stale_after_s=self.s.realtime_stale_after_s,
+        )
+        self.log_sink.install(self.s.log_level)
+        runner: web.AppRunner | None = None
+        if self.s.health_port:
+            runner = await health.serve(self.readiness, self.s.health_host, self.s.health_port)
+        logger.info(
+            "listener {} started (heartbeat {}s, catch-up {}s, solver {} worker(s), {} MiB)",
+            self.s.worker_id, self.s.heartbeat_interval_s, self.s.reconcile_interval_s,
+            self.s.solver_workers, self.s.solver_memory_mb,
+        )
+        executor = RunExecutor(self.db, self.bc, self.s)
+        background = [
+            asyncio.create_task(self.link.run(self.stopped), name="realtime"),
+            asyncio.create_task(self._catch_up_loop(), name="catch-up"),
+            asyncio.create_task(self.log_sink.run(self.db, self.stopped), name="run-logs"),
+        ]
+        worker = asyncio.create_task(self._work_loop(executor), name="worker")
+        try:
+            await worker
+        finally:
+            self.draining.set()
+            if not worker.done():
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+            self.stopped.set()
+            for t in background:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(t, timeout=5)
+            self.log_sink.uninstall()
+            await self.log_sink.flush(self.db)
+            if runner is not None:
+                await runner.cleanup()
+            await self.bc.close()
+            await self.db.close()
+            logger.info("listener {} stopped", self.s.worker_id)
+        return 0

@@ -1,0 +1,101 @@
+"""Progress for the manager's UI, as Realtime broadcasts on the private topic `planner_run:<id>`.
+
+Sent through Realtime's REST broadcast endpoint with the service-role key: no channel join per
+run, the same call works against hosted Supabase, and a Realtime outage costs progress events
+only (the run row, which the UI also watches, stays the truth). Progress is throttled to at
+most one event per `interval` with the latest figures, so a solver finding hundreds of
+solutions a second never floods the UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import httpx
+from loguru import logger
+
+from listener import metrics
+
+
+def topic(run_id: uuid.UUID) -> str:
+    return f"planner_run:{run_id}"
+
+
+class Broadcaster:
+    def __init__(self, supabase_url: str, service_role_key: str) -> None:
+        self._url = f"{supabase_url}/realtime/v1/api/broadcast"
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(3.0),
+            headers={
+                "apikey": service_role_key,
+                "Authorization": f"Bearer {service_role_key}",
+                "Content-Type": "application/json",
+            },
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def send(self, run_id: uuid.UUID, event: str, payload: dict[str, Any]) -> bool:
+        """Best effort: a failure is logged and counted, never raised."""
+        body = {
+            "messages": [
+                {"topic": topic(run_id), "event": event, "payload": payload, "private": True}
+            ]
+        }
+        try:
+            resp = await self._client.post(self._url, json=body)
+            if resp.status_code >= 300:
+                raise httpx.HTTPStatusError(
+                    f"status {resp.status_code}", request=resp.request, response=resp
+                )
+        except (httpx.HTTPError, OSError) as exc:
+            metrics.BROADCAST_FAILURES.inc()
+            logger.warning("broadcast {} for run {} failed: {}", event, run_id, exc)
+            return False
+        metrics.BROADCASTS.labels(event=event).inc()
+        return True
+
+    async def status(self, run_id: uuid.UUID, status: str, phase: str, **extra: Any) -> None:
+        await self.send(run_id, "status", {"run_id": str(run_id), "status": status,
+                                           "phase": phase, **extra})
+
+
+class ProgressThrottle:
+    """Keeps the newest progress figures and sends them at most once per interval."""
+
+    def __init__(self, broadcaster: Broadcaster, run_id: uuid.UUID, interval: float) -> None:
+        self._b = broadcaster
+        self._run_id = run_id
+        self._interval = interval
+        self._latest: dict[str, Any] | None = None
+        self._last_sent = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def update(self, payload: dict[str, Any]) -> None:
+        self._latest = payload
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        wait = self._interval - (time.monotonic() - self._last_sent)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        payload, self._latest = self._latest, None
+        if payload is not None:
+            self._last_sent = time.monotonic()
+            await self._b.send(self._run_id, "progress", payload)
+
+    async def close(self) -> None:
+        """Send what is pending now (the last figures matter most)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._latest is not None:
+            payload, self._latest = self._latest, None
+            await self._b.send(self._run_id, "progress", payload)

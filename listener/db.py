@@ -1,0 +1,132 @@
+"""The engine's side of the database: typed calls to the fenced `planner_engine` functions.
+
+Every write is fenced on the run's lease inside PostgreSQL, so this module holds no invariant of
+its own: it turns rows into typed values and SQLSTATEs into exceptions the worker can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel
+
+from listener.queries import q
+
+LEASE_LOST = "PL001"
+CROSS_TENANT = "PL002"
+
+
+class LeaseLost(Exception):
+    """The run is no longer ours (swept, re-queued or finished elsewhere): write nothing."""
+
+
+class ClaimedRun(BaseModel):
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    allocation_run_id: uuid.UUID
+    n_job_lines: int
+    attempts: int
+    max_attempts: int
+    lease: uuid.UUID
+    created_at: datetime
+
+
+class Beat(BaseModel):
+    lease_held: bool
+    cancel_requested: bool
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+class EngineDB:
+    """A small pool of connections as the `planner_engine` role."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, max_size: int = 4) -> EngineDB:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max_size, command_timeout=60,
+            server_settings={"application_name": "planner-listener"},
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self.pool.acquire(timeout=2) as conn:
+                await conn.fetchval(q("ping"))
+            return True
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+
+    async def claim(self, worker_id: str, run_id: uuid.UUID | None) -> ClaimedRun | None:
+        row = await self.pool.fetchrow(q("claim_run"), worker_id, run_id)
+        return ClaimedRun.model_validate(dict(row)) if row else None
+
+    async def heartbeat(self, run_id: uuid.UUID, lease: uuid.UUID) -> Beat:
+        row = await self.pool.fetchrow(q("heartbeat"), run_id, lease)
+        assert row is not None
+        return Beat.model_validate(dict(row))
+
+    async def load_problem(self, run_id: uuid.UUID, lease: uuid.UUID) -> dict[str, Any]:
+        try:
+            raw = await self.pool.fetchval(q("load_problem"), run_id, lease)
+        except asyncpg.PostgresError as exc:
+            _raise_lease_lost(exc)
+            raise
+        return dict(json.loads(raw)) if isinstance(raw, str) else dict(raw)
+
+    async def commit_plan(
+        self,
+        run: ClaimedRun,
+        lines: Sequence[dict[str, Any]],
+        result_metadata: dict[str, Any],
+    ) -> uuid.UUID | None:
+        try:
+            snap = await self.pool.fetchval(
+                q("commit_plan"), run.id, run.lease, run.organization_id,
+                _json({"lines": list(lines)}), _json(result_metadata),
+            )
+        except asyncpg.PostgresError as exc:
+            _raise_lease_lost(exc)
+            raise
+        return snap if snap is None or isinstance(snap, uuid.UUID) else uuid.UUID(str(snap))
+
+    async def finish(
+        self,
+        run: ClaimedRun,
+        status: str,
+        error: str | None = None,
+        result_metadata: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            await self.pool.execute(
+                q("finish_run"), run.id, run.lease, status, error,
+                _json(result_metadata) if result_metadata is not None else None,
+            )
+        except asyncpg.PostgresError as exc:
+            _raise_lease_lost(exc)
+            raise
+
+    async def write_logs(self, records: Sequence[dict[str, Any]]) -> int:
+        return int(await self.pool.fetchval(q("write_logs"), _json(list(records))) or 0)
+
+    async def pending_runs(self, limit: int = 1000) -> list[tuple[uuid.UUID, datetime]]:
+        rows = await self.pool.fetch(q("pending_runs"), limit)
+        return [(r["id"], r["created_at"]) for r in rows]
+
+
+def _raise_lease_lost(exc: asyncpg.PostgresError) -> None:
+    if getattr(exc, "sqlstate", None) == LEASE_LOST:
+        raise LeaseLost(str(exc)) from exc

@@ -1,0 +1,145 @@
+"""Wake-ups from Supabase Realtime: postgres_changes on `public.allocation_planner_runs`.
+
+Events are hints only. Realtime is at-most-once (changes during a disconnect are never
+replayed), so every (re)subscription triggers a catch-up scan, and the official Python client
+gives up after `max_retries` failed reconnects, so this supervisor recreates it, with
+back-off, for as long as the listener runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from loguru import logger
+from realtime import AsyncRealtimeChannel, RealtimeSubscribeStates
+from realtime.types import PostgresChangesPayload, RealtimePostgresChangesListenEvent
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
+
+from listener import metrics
+
+RunHint = Callable[[uuid.UUID, datetime], None]
+
+TABLE = "allocation_planner_runs"
+
+
+def _parse_ts(value: Any) -> datetime:
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return datetime.max
+
+
+class RealtimeLink:
+    """Keeps one subscription alive and reports PENDING runs through `on_run`."""
+
+    def __init__(
+        self,
+        supabase_url: str,
+        service_role_key: str,
+        on_run: RunHint,
+        on_subscribed: Callable[[], None],
+        *,
+        stale_after_s: float = 10.0,
+    ) -> None:
+        self._url = supabase_url
+        self._key = service_role_key
+        self._on_run = on_run
+        self._on_subscribed = on_subscribed
+        self._stale_after_s = stale_after_s
+        self.subscribed = False
+        self.state = "starting"
+        self._client: AsyncClient | None = None
+
+    # -- callbacks from the realtime client (sync, on the loop) -----------------------------
+    def _on_change(self, payload: PostgresChangesPayload) -> None:
+        record: dict[str, Any] = payload.get("data", {}).get("record") or {}
+        if record.get("status") != "PENDING":
+            return
+        try:
+            run_id = uuid.UUID(str(record.get("id")))
+        except ValueError:
+            logger.warning("ignoring a run event with a malformed id: {!r}", record.get("id"))
+            return
+        self._on_run(run_id, _parse_ts(record.get("created_at")))
+
+    def _on_state(self, status: RealtimeSubscribeStates, err: Exception | None) -> None:
+        self.state = str(status.value if hasattr(status, "value") else status)
+        was = self.subscribed
+        self.subscribed = status == RealtimeSubscribeStates.SUBSCRIBED
+        metrics.REALTIME_CONNECTED.set(1 if self.subscribed else 0)
+        if self.subscribed:
+            logger.info("Realtime: subscribed to {} changes", TABLE)
+            self._on_subscribed()
+        elif was:
+            logger.warning("Realtime: subscription {} ({})", self.state, err)
+
+    def _on_system(self, payload: Any) -> None:
+        # "Subscribed to PostgreSQL" marks the moment changes really flow: scan again, so
+        # nothing inserted between the join reply and this message is missed.
+        message = payload.get("message", "") if isinstance(payload, dict) else ""
+        if "Subscribed to PostgreSQL" in str(message):
+            self._on_subscribed()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def _open(self) -> AsyncClient:
+        client = await acreate_client(
+            self._url, self._key,
+            options=AsyncClientOptions(realtime={"max_retries": 5, "initial_backoff": 0.5}),
+        )
+        channel: AsyncRealtimeChannel = client.channel("planner-engine-runs")
+        for event in (RealtimePostgresChangesListenEvent.Insert,
+                      RealtimePostgresChangesListenEvent.Update):
+            channel.on_postgres_changes(event, self._on_change, table=TABLE, schema="public")
+        channel.on_system(self._on_system)
+        await channel.subscribe(self._on_state)
+        return client
+
+    async def _close(self) -> None:
+        client, self._client = self._client, None
+        self.subscribed = False
+        metrics.REALTIME_CONNECTED.set(0)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.realtime.close(), timeout=3)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Supervise forever: (re)create the client whenever it stays disconnected."""
+        backoff = 0.5
+        first = True
+        while not stop.is_set():
+            if not first:
+                metrics.REALTIME_RECONNECTS.inc()
+            first = False
+            try:
+                self._client = await self._open()
+            except Exception as exc:
+                self.state = "unreachable"
+                logger.warning("Realtime: cannot subscribe ({}); retry in {:.1f}s", exc, backoff)
+                await self._close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            disconnected_since: float | None = None
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                if self.subscribed:
+                    disconnected_since = None
+                    backoff = 0.5
+                    continue
+                now = time.monotonic()
+                disconnected_since = disconnected_since or now
+                if now - disconnected_since > self._stale_after_s:
+                    logger.warning(
+                        "Realtime: no subscription for {:.0f}s; recreating the client",
+                        now - disconnected_since,
+                    )
+                    break
+            await self._close()

@@ -1,0 +1,34 @@
+-- Named queries of the listener. The invariants live in the planner_engine functions
+-- (migrations/); these are thin calls to them, one per name.
+
+-- name: claim_run
+-- Claim the given PENDING run (or nothing). Returns the run with its fresh lease.
+select id, organization_id, allocation_run_id, n_job_lines, attempts, max_attempts, lease,
+       created_at
+  from planner_engine.claim_run($1::text, $2::uuid);
+
+-- name: heartbeat
+select lease_held, cancel_requested from planner_engine.heartbeat($1::uuid, $2::uuid);
+
+-- name: load_problem
+select planner_engine.load_problem($1::uuid, $2::uuid);
+
+-- name: commit_plan
+select planner_engine.commit_plan($1::uuid, $2::uuid, $3::uuid, $4::jsonb, $5::jsonb);
+
+-- name: finish_run
+select planner_engine.finish_run($1::uuid, $2::uuid, $3::text, $4::text, $5::jsonb);
+
+-- name: write_logs
+select planner_engine.write_logs($1::jsonb);
+
+-- name: pending_runs
+-- Catch-up: the runs nobody announced (Realtime is at-most-once), oldest first.
+select id, created_at
+  from public.allocation_planner_runs
+ where status = 'PENDING'
+ order by created_at, id
+ limit $1;
+
+-- name: ping
+select 1;

@@ -1,0 +1,306 @@
+"""One run, start to finish: load, solve in the child process, heartbeat, write back.
+
+The database fences every write on the run's lease, so the rules here are about *what* to
+write, never about whether it is safe:
+
+* plan found                -> `commit_plan` (snapshot + replace + COMPLETED, one transaction)
+* proven infeasible         -> INFEASIBLE, with the solver's explanation in `result_metadata`
+* user asked to cancel      -> CANCELLED
+* shutdown past the grace   -> back to PENDING, so another listener takes it
+* lease lost (swept)        -> nothing at all; the run is someone else's now
+* anything else             -> FAILED with a one-line error on the run and the traceback in
+                               `planner_execution_logs`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from enum import StrEnum
+from typing import Any
+
+from loguru import logger
+from pydantic import ValidationError
+
+from listener import metrics
+from listener.broadcast import Broadcaster, ProgressThrottle
+from listener.db import ClaimedRun, EngineDB, LeaseLost
+from listener.settings import ListenerSettings
+from solver import Plan, Problem
+from solver.process import SolveHandle, SolverProcessError, start_solve
+
+
+class Outcome(StrEnum):
+    COMPLETED = "COMPLETED"
+    INFEASIBLE = "INFEASIBLE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    REQUEUED = "REQUEUED"
+    LEASE_LOST = "LEASE_LOST"
+
+
+def adapt_problem(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bridge database rows to the solver's strict problem format.
+
+    * an empty subspecialty means "the specialty itself" (the solver needs one to apply the
+      25 % subspecialty rule), an empty site means none;
+    * lines of the previous plan beyond the requested number are dropped: asking for fewer
+      lines than the current plan has is a normal request, not an error.
+    """
+    out = dict(raw)
+    teams = []
+    for team in out.get("teams") or []:
+        t = dict(team)
+        if not t.get("subspecialty"):
+            t["subspecialty"] = t.get("specialty") or ""
+        if t.get("site") == "":
+            t["site"] = None
+        teams.append(t)
+    out["teams"] = teams
+    prev = out.get("previous_plan")
+    n = out.get("n_job_lines")
+    if isinstance(prev, dict) and isinstance(n, int):
+        lines = [ln for ln in prev.get("lines") or [] if int(ln.get("line", 0)) <= n]
+        out["previous_plan"] = {**prev, "lines": lines}
+    if out.get("options") is None:
+        out["options"] = {}
+    return out
+
+
+def summarise_validation(exc: ValidationError) -> str:
+    """One line a manager can read: the first errors, without pydantic's URLs."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def plan_lines(problem: Problem, plan: Plan) -> list[dict[str, Any]]:
+    """The plan in `commit_plan`'s shape, carrying the pins that were kept."""
+    pins: dict[int, dict[str, str]] = {}
+    if problem.previous_plan is not None and problem.options.keep_pinned:
+        for prev in problem.previous_plan.lines:
+            pins[prev.line] = {t: prev.rotations[t] for t in prev.pinned}
+    lines = []
+    for line in plan.lines:
+        kept = pins.get(line.line, {})
+        pinned = [t for t, team in kept.items() if line.rotations.get(t) == team]
+        lines.append({"line": line.line, "rotations": line.rotations, "pinned": pinned})
+    return lines
+
+
+def plan_metadata(plan: Plan, run: ClaimedRun, worker_id: str) -> dict[str, Any]:
+    return {
+        "solver_status": plan.status,
+        "objective": plan.objective,
+        "best_bound": plan.best_bound,
+        "gap": plan.gap,
+        "solve_seconds": plan.solve_seconds,
+        "solutions": plan.solutions,
+        "unfilled": [u.model_dump() for u in plan.unfilled],
+        "changed_cells": plan.changed_cells,
+        "penalties": plan.penalties,
+        "explanation": plan.explanation,
+        "peak_memory_mb": plan.peak_memory_mb,
+        "worker_id": worker_id,
+        "attempt": run.attempts,
+    }
+
+
+class RunExecutor:
+    """Executes claimed runs one at a time for the listener."""
+
+    def __init__(self, db: EngineDB, broadcaster: Broadcaster, settings: ListenerSettings) -> None:
+        self.db = db
+        self.bc = broadcaster
+        self.s = settings
+
+    async def execute(self, run: ClaimedRun, draining: asyncio.Event) -> Outcome:
+        """Run to a final state. Never raises except CancelledError (after cleaning up)."""
+        with logger.contextualize(planner_run_id=str(run.id),
+                                  organization_id=str(run.organization_id)):
+            started = time.monotonic()
+            outcome = Outcome.FAILED
+            try:
+                outcome = await self._execute(run, draining, started)
+            except LeaseLost:
+                logger.warning("lease lost (the run was swept or re-queued); nothing written")
+                outcome = Outcome.LEASE_LOST
+            except asyncio.CancelledError:
+                logger.warning("listener stopping: handing the run back to the queue")
+                await asyncio.shield(self._safe_finish(run, "PENDING", None, None))
+                metrics.RUNS.labels(outcome=Outcome.REQUEUED.value).inc()
+                raise
+            except Exception as exc:
+                logger.exception("run failed: {}", exc)
+                error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                await self._safe_finish(run, "FAILED", f"internal error: {error}", None)
+                outcome = Outcome.FAILED
+            metrics.RUNS.labels(outcome=outcome.value).inc()
+            if outcome is not Outcome.LEASE_LOST:
+                status = "PENDING" if outcome is Outcome.REQUEUED else outcome.value
+                await self.bc.status(run.id, status, "done")
+            logger.info("run finished: {} in {:.2f}s", outcome.value, time.monotonic() - started)
+            return outcome
+
+    async def _safe_finish(
+        self, run: ClaimedRun, status: str, error: str | None, meta: dict[str, Any] | None
+    ) -> None:
+        try:
+            await self.db.finish(run, status, error, meta)
+        except LeaseLost:
+            logger.warning("could not mark the run {}: lease already lost", status)
+        except Exception as exc:
+            logger.error("could not mark the run {}: {}", status, exc)
+
+    async def _finish_with(
+        self, run: ClaimedRun, status: str, error: str | None, meta: dict[str, Any] | None
+    ) -> None:
+        await self.db.finish(run, status, error, meta)
+        await self.bc.send(run.id, "done", {"run_id": str(run.id), "status": status,
+                                            "error": error, **(meta or {})})
+
+    async def _execute(self, run: ClaimedRun, draining: asyncio.Event, t0: float) -> Outcome:
+        logger.info("run claimed (attempt {}/{})", run.attempts, run.max_attempts)
+        await self.bc.status(run.id, "GENERATING", "loading")
+        raw = await self.db.load_problem(run.id, run.lease)
+        try:
+            problem = Problem.model_validate(adapt_problem(raw))
+        except ValidationError as exc:
+            reason = summarise_validation(exc)
+            logger.error("the run's input is not a valid problem: {}", reason)
+            details = {"validation_errors": [str(e.get("msg")) for e in exc.errors()]}
+            await self._finish_with(run, "FAILED", f"invalid input: {reason}", details)
+            return Outcome.FAILED
+
+        limit = min(problem.options.time_limit_seconds, self.s.solver_time_limit_s)
+        logger.info(
+            "solving {} lines x {} terms, {} teams, rule sets {} (limit {:.0f}s)",
+            problem.n_job_lines, len(problem.terms), len(problem.teams),
+            ",".join(problem.rule_sets) or "-", limit,
+        )
+        handle = start_solve(problem, memory_limit_mb=self.s.solver_memory_mb,
+                             time_limit_s=limit, num_workers=self.s.solver_workers)
+        metrics.RUN_OVERHEAD_SECONDS.observe(time.monotonic() - t0)
+        await self.bc.status(run.id, "GENERATING", "solving")
+        metrics.SOLVING.set(1)
+        solve_started = time.monotonic()
+        try:
+            plan, stopped_by = await self._supervise(run, handle, draining, limit)
+        except SolverProcessError as exc:
+            logger.error("the solver process failed: {}", exc)
+            await self._finish_with(run, "FAILED", f"solver failed: {exc}", None)
+            return Outcome.FAILED
+        finally:
+            metrics.SOLVING.set(0)
+            metrics.SOLVE_SECONDS.observe(time.monotonic() - solve_started)
+
+        if stopped_by == "cancel":
+            logger.info("cancelled by the user; the plan in place is unchanged")
+            await self._finish_with(run, "CANCELLED", None, None)
+            return Outcome.CANCELLED
+        if stopped_by == "shutdown":
+            logger.warning(
+                "shutdown grace of {:.0f}s exceeded; run re-queued", self.s.shutdown_grace_s
+            )
+            await self.db.finish(run, "PENDING", None, None)
+            return Outcome.REQUEUED
+
+        w0 = time.monotonic()
+        await self.bc.status(run.id, "GENERATING", "writing")
+        meta = plan_metadata(plan, run, self.s.worker_id)
+        if plan.status in ("OPTIMAL", "FEASIBLE"):
+            snapshot = await self.db.commit_plan(run, plan_lines(problem, plan), meta)
+            metrics.RUN_OVERHEAD_SECONDS.observe(time.monotonic() - w0)
+            logger.info(
+                "plan written: {} lines, {} unfilled position(s), objective {}, {} ({} snapshot)",
+                len(plan.lines), sum(u.missing for u in plan.unfilled), plan.objective,
+                plan.status, snapshot or "no",
+            )
+            await self.bc.send(run.id, "done", {"run_id": str(run.id), "status": "COMPLETED",
+                                                "snapshot_id": str(snapshot) if snapshot else None,
+                                                **meta})
+            return Outcome.COMPLETED
+        if plan.status == "INFEASIBLE":
+            for line in plan.explanation or ["no explanation found"]:
+                logger.warning("infeasible: {}", line)
+            await self._finish_with(run, "INFEASIBLE", None, meta)
+            return Outcome.INFEASIBLE
+        reason = (
+            f"no feasible plan found within the {limit:.0f}s time limit"
+            if plan.status == "UNKNOWN" else f"solver returned {plan.status}"
+        )
+        logger.error(reason)
+        await self._finish_with(run, "FAILED", reason, meta)
+        return Outcome.FAILED
+
+    async def _supervise(
+        self, run: ClaimedRun, handle: SolveHandle, draining: asyncio.Event, limit: float
+    ) -> tuple[Plan, str | None]:
+        """Wait for the plan while heartbeating, streaming progress and honouring stops.
+
+        Returns the plan and what stopped the search early (None, "cancel" or "shutdown").
+        Raises LeaseLost after killing the child when the lease is gone.
+        """
+        throttle = ProgressThrottle(self.bc, run.id, self.s.progress_interval_s)
+        stopped_by: str | None = None
+        lease_lost = asyncio.Event()
+
+        async def pump_progress() -> None:
+            async for p in handle.progress():
+                throttle.update({"run_id": str(run.id), **p.model_dump()})
+
+        async def heartbeat() -> None:
+            nonlocal stopped_by
+            while True:
+                await asyncio.sleep(self.s.heartbeat_interval_s)
+                try:
+                    beat = await self.db.heartbeat(run.id, run.lease)
+                except Exception as exc:  # the sweeper's TTL covers a long outage
+                    logger.warning("heartbeat failed: {}", exc)
+                    continue
+                if not beat.lease_held:
+                    lease_lost.set()
+                    handle.kill()
+                    return
+                if beat.cancel_requested and stopped_by is None:
+                    stopped_by = "cancel"
+                    handle.stop()
+
+        async def watch_shutdown() -> None:
+            nonlocal stopped_by
+            await draining.wait()
+            logger.info("shutdown requested: letting the solve finish (grace {:.0f}s)",
+                        self.s.shutdown_grace_s)
+            await asyncio.sleep(self.s.shutdown_grace_s)
+            if stopped_by is None:
+                stopped_by = "shutdown"
+                handle.kill()
+
+        helpers = [asyncio.create_task(f()) for f in (pump_progress, heartbeat, watch_shutdown)]
+        try:
+            try:
+                plan = await handle.result()
+            except SolverProcessError:
+                if lease_lost.is_set():
+                    raise LeaseLost("lease lost during the solve") from None
+                if stopped_by == "shutdown":
+                    return Plan(status="UNKNOWN"), stopped_by
+                raise
+        except asyncio.CancelledError:
+            handle.kill()
+            raise
+        finally:
+            for t in helpers:
+                t.cancel()
+            for t in helpers:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            await throttle.close()
+        if lease_lost.is_set():
+            raise LeaseLost("lease lost during the solve")
+        return plan, stopped_by
