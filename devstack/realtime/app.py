@@ -1,0 +1,249 @@
+"""The aiohttp application: WebSocket endpoints, REST broadcast, health, lifecycle.
+
+Routes (both the gateway paths clients build from SUPABASE_URL and the server's own):
+    GET  /realtime/v1/websocket, /socket/websocket        Phoenix socket (vsn 1.0.0 / 2.0.0)
+    POST /realtime/v1/api/broadcast, /api/broadcast        batch broadcast -> 202
+    POST /realtime/v1/api/broadcast/{topic}/events/{event} single broadcast -> 202
+    GET  /healthz                                          200 once the wal2json stream runs
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from aiohttp import WSCloseCode, web
+from loguru import logger
+
+from devstack.realtime.auth import AuthError, Identity, TokenVerifier
+from devstack.realtime.changes import ChangeDispatcher
+from devstack.realtime.database import Database
+from devstack.realtime.hub import Hub
+from devstack.realtime.replication import ReplicationStream
+from devstack.realtime.serializer import ENCODING_BINARY, UserBroadcast, serializer_for
+from devstack.realtime.socket import Connection
+
+MAX_FRAME_BYTES = 5_000_000
+
+
+class Server:
+    """Shared state of one server process, targeting one database."""
+
+    def __init__(
+        self,
+        database_url: str,
+        jwt_secret: str,
+        *,
+        connect_error_backoff_s: float = 2.0,
+        channel_error_backoff_s: float = 5.0,
+    ) -> None:
+        self.database_url = database_url
+        self.verifier = TokenVerifier(jwt_secret)
+        self.connect_error_backoff_s = connect_error_backoff_s
+        self.channel_error_backoff_s = channel_error_backoff_s
+        self.db = Database(database_url)
+        self.hub = Hub()
+        self.changes = ChangeDispatcher(self.db)
+        self.connections: set[Connection] = set()
+        self.stream: ReplicationStream | None = None
+        self.db_ready = False
+        self.started_at = time.time()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stream = ReplicationStream(
+            self.database_url, loop, self.changes.on_change, self._on_stream_state
+        )
+        self.stream.start()
+        self._tasks.append(asyncio.create_task(self._open_db()))
+        self._tasks.append(asyncio.create_task(self.changes.run()))
+
+    async def _open_db(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.db.open()
+                self.db_ready = True
+                logger.info("database pool ready")
+                return
+            except Exception as exc:  # any connect failure: keep retrying
+                logger.warning("database not reachable ({}); retrying in {:.1f}s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    def _on_stream_state(streaming: bool) -> None:
+        logger.info("replication stream {}", "running" if streaming else "down")
+
+    async def stop(self) -> None:
+        """Close every socket with 1001 (going away), stop the stream (drops the slot)."""
+        for conn in list(self.connections):
+            with contextlib.suppress(Exception):
+                await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        for task in self._tasks:
+            task.cancel()
+        if self.stream is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.stream.stop)
+        await self.db.close()
+
+    @property
+    def healthy(self) -> bool:
+        return bool(self.stream and self.stream.streaming and self.db_ready)
+
+    # -- HTTP handlers ---------------------------------------------------------------------
+    async def healthz(self, request: web.Request) -> web.Response:
+        body = {
+            "status": "ok" if self.healthy else "starting",
+            "replication": "streaming" if self.stream and self.stream.streaming else "down",
+            "slot": self.stream.slot_name if self.stream else None,
+            "database": self.db_ready,
+            "connections": len(self.connections),
+            "changes_delivered": self.changes.delivered,
+        }
+        return web.json_response(body, status=200 if self.healthy else 503)
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        serializer = serializer_for(request.query.get("vsn"))
+        if serializer is None:
+            return web.json_response({"error": "unsupported vsn"}, status=400)
+        token = request.headers.get("x-api-key") or request.query.get("apikey")
+        try:
+            identity = self.verifier.verify(token)
+        except AuthError as exc:
+            logger.info("connection refused: {}", exc.message)
+            await asyncio.sleep(self.connect_error_backoff_s)
+            return web.json_response({"error": exc.message}, status=401)
+        ws = web.WebSocketResponse(autoping=True, max_msg_size=MAX_FRAME_BYTES)
+        await ws.prepare(request)
+        peer = f"{request.remote}#{id(ws) % 100000}"
+        conn = Connection(self, ws, serializer, identity, peer)
+        self.connections.add(conn)
+        logger.info("{}: connected vsn={} role={}", peer, serializer.vsn, identity.role)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+            logger.info("{}: disconnected", peer)
+        return ws
+
+    def _rest_identity(self, request: web.Request) -> Identity:
+        auth = request.headers.get("Authorization", "")
+        token = auth[7:] if auth.lower().startswith("bearer ") else None
+        if not token or token.startswith("sb_"):
+            token = request.headers.get("apikey") or request.query.get("apikey")
+        return self.verifier.verify(token)
+
+    async def _rest_send(
+        self,
+        identity: Identity,
+        topic: str,
+        private: bool,
+        message: dict[str, Any] | UserBroadcast,
+        allowed: dict[str, bool],
+    ) -> None:
+        if private:
+            if topic not in allowed:
+                allowed[topic] = await self.db.channel_write(identity.claims, topic, "broadcast")
+            if not allowed[topic]:
+                logger.debug("REST broadcast to private {} skipped (write denied)", topic)
+                return
+        self.hub.broadcast((topic, private), message)
+
+    async def broadcast_batch(self, request: web.Request) -> web.Response:
+        try:
+            identity = self._rest_identity(request)
+        except AuthError:
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"errors": {"messages": ["is invalid"]}}, status=422)
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
+            return web.json_response({"errors": {"messages": ["can't be blank"]}}, status=422)
+        errors: list[dict[str, Any]] = []
+        for m in messages:
+            err: dict[str, list[str]] = {}
+            if not isinstance(m, dict):
+                errors.append({"message": ["is invalid"]})
+                continue
+            for key in ("topic", "event"):
+                if not isinstance(m.get(key), str) or not m.get(key):
+                    err[key] = ["can't be blank"]
+            if not isinstance(m.get("payload"), dict):
+                err["payload"] = ["is invalid"]
+            if err:
+                errors.append(err)
+        if errors:
+            return web.json_response({"errors": {"messages": errors}}, status=422)
+        allowed: dict[str, bool] = {}
+        for m in messages:
+            out: dict[str, Any] = {
+                "type": "broadcast", "event": m["event"], "payload": m["payload"]
+            }
+            if m.get("id"):
+                out["meta"] = {"id": m["id"]}
+            private = m.get("private") in (True, "true")
+            await self._rest_send(identity, m["topic"], private, out, allowed)
+        return web.Response(status=202)
+
+    async def broadcast_single(self, request: web.Request) -> web.Response:
+        try:
+            identity = self._rest_identity(request)
+        except AuthError:
+            return web.json_response({"message": "Unauthorized"}, status=401)
+        topic = request.match_info["topic"]
+        event = request.match_info["event"]
+        private = request.query.get("private") == "true"
+        ctype = request.content_type
+        message: dict[str, Any] | UserBroadcast
+        if ctype == "application/json":
+            try:
+                payload = await request.json()
+            except ValueError:
+                return web.json_response({"errors": {"payload": ["is invalid"]}}, status=422)
+            message = {"type": "broadcast", "event": event, "payload": payload}
+        elif ctype == "application/octet-stream":
+            message = UserBroadcast(topic="realtime:" + topic, join_ref=None, ref=None,
+                                    user_event=event, encoding=ENCODING_BINARY,
+                                    body=await request.read())
+        else:
+            return web.json_response({"error": "unsupported content type"}, status=415)
+        await self._rest_send(identity, topic, private, message, {})
+        return web.Response(status=202)
+
+
+def build_app(server: Server) -> web.Application:
+    app = web.Application(client_max_size=MAX_FRAME_BYTES)
+    for prefix in ("/realtime/v1", ""):
+        app.router.add_post(f"{prefix}/api/broadcast", server.broadcast_batch)
+        app.router.add_post(
+            f"{prefix}/api/broadcast/{{topic}}/events/{{event}}", server.broadcast_single
+        )
+    app.router.add_get("/realtime/v1/websocket", server.websocket)
+    app.router.add_get("/socket/websocket", server.websocket)
+    app.router.add_get("/healthz", server.healthz)
+    return app
+
+
+async def serve(server: Server, host: str, port: int, stop: asyncio.Event) -> None:
+    """Run until `stop` is set, then shut down cleanly."""
+    app = build_app(server)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await server.start()
+    await site.start()
+    logger.info("local Realtime listening on http://{}:{}", host, port)
+    try:
+        await stop.wait()
+    finally:
+        logger.info("shutting down")
+        await server.stop()
+        await runner.cleanup()
+        logger.info("stopped")
+
