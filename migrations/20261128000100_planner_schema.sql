@@ -1,0 +1,261 @@
+-- Planner schema, part 1: the tables and the constraints that need no code.
+--
+-- Tenant boundary (invariant 1). Every row carries organization_id, and every reference to a
+-- parent row is a *composite* foreign key that includes organization_id (and, where the parent
+-- lives inside an allocation run, allocation_run_id too). A row therefore cannot point at a
+-- parent of another organisation, whoever writes it: RLS does not apply to the service role or
+-- to table owners, foreign keys apply to everybody. The extra `unique (id, organization_id)`
+-- constraints exist only to be the targets of those keys.
+--
+-- The functions, triggers, policies and grants that complete the picture are in the next
+-- migrations; docs/database.md describes the whole.
+
+create schema if not exists planner_engine;   -- engine functions + settings; never exposed by PostgREST
+create schema if not exists planner_private;  -- RLS/trigger helpers; not exposed either
+comment on schema planner_engine is
+  'Functions the planner engine (listener) calls, fenced on a per-claim lease. Not exposed by PostgREST.';
+comment on schema planner_private is
+  'Helpers for RLS policies and triggers. Not exposed by PostgREST; callers get no table access.';
+
+-- -- limits --------------------------------------------------------------------------------
+-- One row. Kept in a table (not GUCs) so an operator changes a limit with one UPDATE, in a
+-- transaction, on hosted Supabase too, where ALTER DATABASE SET is not always allowed.
+create table planner_engine.settings (
+  id boolean primary key default true check (id),
+  max_job_lines integer not null default 500 check (max_job_lines >= 1),
+  max_runs_per_hour integer not null default 30 check (max_runs_per_hour >= 0),
+  max_attempts integer not null default 3 check (max_attempts between 1 and 20)
+);
+insert into planner_engine.settings default values;
+comment on table planner_engine.settings is
+  'Singleton: global limits. organizations.max_runs_per_hour overrides max_runs_per_hour.';
+
+-- -- tenants -------------------------------------------------------------------------------
+create table public.organizations (
+  id uuid primary key default gen_random_uuid(),
+  name text not null check (length(btrim(name)) > 0),
+  -- NULL = planner_engine.settings.max_runs_per_hour. Only the service role / operator may
+  -- change it: members have no UPDATE grant on this table (Denial of Wallet protection).
+  max_runs_per_hour integer check (max_runs_per_hour >= 0),
+  created_at timestamptz not null default now()
+);
+
+create table public.organization_members (
+  organization_id uuid not null references public.organizations (id) on delete cascade,
+  user_id uuid not null references auth.users (id) on delete cascade,  -- the JWT's `sub`
+  role text not null check (role in ('admin', 'planner', 'viewer')),
+  created_at timestamptz not null default now(),
+  primary key (organization_id, user_id)
+);
+create index organization_members_user_idx on public.organization_members (user_id);
+
+-- -- rule-set catalogue --------------------------------------------------------------------
+-- Mirrors solver.rules.RULE_SETS; constraints arrays on runs are checked against it.
+create table public.planner_rule_sets (
+  code text primary key check (code ~ '^[A-Z][A-Z0-9_]*$'),
+  description text not null,
+  created_at timestamptz not null default now()
+);
+insert into public.planner_rule_sets (code, description) values
+  ('AMC_PGY1', 'AMC PGY1: subspecialty ≤25 %, specialty ≤50 %, service ≤20 %, clinical ≥50 %, experiences A-D, ≥4 terms of ≥10 weeks'),
+  ('AMC_PGY2', 'AMC PGY2: subspecialty ≤25 %, service ≤25 %, clinical ≥50 %, ≤1 non-clinical term, experiences A-C, ≥3 terms of ≥10 weeks'),
+  ('VIC_PGY1', 'Victorian PGY1: AMC_PGY1 for a 5-term year'),
+  ('VIC_PGY2', 'Victorian PGY2: AMC_PGY2 for a 4-term year'),
+  ('LEGACY_INTERN', 'Pre-2024 intern: ≥8 weeks emergency, ≥10 weeks medicine, ≥10 weeks surgery'),
+  ('NO_NIGHTS', 'No term in a team tagged NIGHTS'),
+  ('MAX_ONE_RURAL', 'At most one term at a rural team'),
+  ('NO_CONSECUTIVE_SERVICE', 'No two service terms in consecutive terms');
+
+-- -- planning inputs -----------------------------------------------------------------------
+create table public.allocation_runs (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null references public.organizations (id) on delete cascade,
+  name text not null check (length(btrim(name)) > 0),
+  description text,
+  created_at timestamptz not null default now(),
+  unique (id, organization_id)
+);
+create index allocation_runs_org_idx on public.allocation_runs (organization_id);
+
+create table public.terms (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null,
+  allocation_run_id uuid not null,
+  ordinal integer not null check (ordinal >= 1),
+  name text not null check (length(btrim(name)) > 0),
+  weeks integer not null check (weeks between 1 and 52),
+  starts_on date,
+  unique (allocation_run_id, ordinal),
+  unique (id, allocation_run_id, organization_id),
+  foreign key (allocation_run_id, organization_id)
+    references public.allocation_runs (id, organization_id) on delete cascade
+);
+create index terms_org_idx on public.terms (organization_id);
+
+create table public.teams (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null references public.organizations (id) on delete cascade,
+  name text not null check (length(btrim(name)) > 0),
+  specialty text not null check (length(btrim(specialty)) > 0),
+  -- NOT NULL: the solver groups the 25 % rule by subspecialty; a team without one would be
+  -- its own silent bucket. Use the specialty again when there is no finer grouping.
+  subspecialty text not null check (length(btrim(subspecialty)) > 0),
+  kind text not null default 'clinical' check (kind in ('clinical', 'service', 'non_clinical')),
+  experiences text[] not null default '{}'
+    check (experiences <@ array['A', 'B', 'C', 'D'] and array_position(experiences, null) is null),
+  site text,
+  rural boolean not null default false,
+  tags text[] not null default '{}' check (array_position(tags, null) is null),
+  created_at timestamptz not null default now(),
+  unique (organization_id, name),
+  unique (id, organization_id)
+);
+
+create table public.team_demand (
+  organization_id uuid not null,
+  allocation_run_id uuid not null,
+  team_id uuid not null,
+  term_id uuid not null,
+  min_lines integer not null default 0 check (min_lines >= 0),
+  max_lines integer not null check (max_lines >= min_lines),
+  primary key (allocation_run_id, team_id, term_id),
+  foreign key (allocation_run_id, organization_id)
+    references public.allocation_runs (id, organization_id) on delete cascade,
+  foreign key (team_id, organization_id)
+    references public.teams (id, organization_id) on delete cascade,
+  foreign key (term_id, allocation_run_id, organization_id)
+    references public.terms (id, allocation_run_id, organization_id) on delete cascade
+);
+create index team_demand_org_idx on public.team_demand (organization_id);
+create index team_demand_team_idx on public.team_demand (team_id);
+create index team_demand_term_idx on public.team_demand (term_id);
+
+-- -- planner runs --------------------------------------------------------------------------
+create table public.allocation_planner_runs (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null,
+  allocation_run_id uuid not null,
+  status text not null default 'PENDING'
+    check (status in ('PENDING', 'GENERATING', 'COMPLETED', 'INFEASIBLE', 'FAILED', 'CANCELLED')),
+  n_job_lines integer not null check (n_job_lines >= 1),  -- upper bound: settings, in the trigger
+  constraints text[] not null default '{}' check (array_position(constraints, null) is null),
+  options jsonb not null default '{}' check (jsonb_typeof(options) = 'object'),
+  requested_by uuid references auth.users (id) on delete set null,
+  created_at timestamptz not null default now(),
+  claimed_at timestamptz,
+  heartbeat_at timestamptz,
+  finished_at timestamptz,
+  attempts integer not null default 0 check (attempts >= 0),
+  max_attempts integer not null default 3 check (max_attempts between 1 and 20),
+  worker_id text,
+  lease uuid,  -- fencing token of the current claim; NULL whenever nobody holds the run
+  cancel_requested_at timestamptz,
+  result_metadata jsonb,
+  error text,
+  unique (id, organization_id),
+  unique (id, allocation_run_id, organization_id),
+  foreign key (allocation_run_id, organization_id)
+    references public.allocation_runs (id, organization_id) on delete cascade,
+  -- A lease exists exactly while the run is GENERATING: a terminal or re-queued run can never
+  -- be completed by a zombie worker that still remembers its old lease.
+  constraint lease_iff_generating check ((status = 'GENERATING') = (lease is not null)),
+  -- The sweeper measures staleness from heartbeat_at, so a claimed run always has one.
+  constraint generating_has_heartbeat check (status <> 'GENERATING' or heartbeat_at is not null),
+  constraint finished_iff_terminal
+    check ((status in ('COMPLETED', 'INFEASIBLE', 'FAILED', 'CANCELLED')) = (finished_at is not null))
+);
+-- Invariant 4a: one active run per allocation run, race-free (the index is the arbiter).
+create unique index allocation_planner_runs_one_active_idx
+  on public.allocation_planner_runs (allocation_run_id)
+  where status in ('PENDING', 'GENERATING');
+-- Claim order and the sweeper's scans.
+create index allocation_planner_runs_pending_idx
+  on public.allocation_planner_runs (created_at, id) where status = 'PENDING';
+create index allocation_planner_runs_generating_idx
+  on public.allocation_planner_runs (heartbeat_at) where status = 'GENERATING';
+-- Invariant 4b: the rolling-hour count per organisation.
+create index allocation_planner_runs_org_created_idx
+  on public.allocation_planner_runs (organization_id, created_at);
+
+-- -- the plan ------------------------------------------------------------------------------
+create table public.job_lines (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null,
+  allocation_run_id uuid not null,
+  line_number integer not null check (line_number >= 1),
+  planner_run_id uuid,  -- the run that produced the line; NULL for hand-made/restored orphans
+  created_at timestamptz not null default now(),
+  unique (allocation_run_id, line_number),
+  unique (id, allocation_run_id, organization_id),
+  foreign key (allocation_run_id, organization_id)
+    references public.allocation_runs (id, organization_id) on delete cascade,
+  foreign key (planner_run_id, allocation_run_id, organization_id)
+    references public.allocation_planner_runs (id, allocation_run_id, organization_id)
+    on delete set null (planner_run_id)
+);
+create index job_lines_org_idx on public.job_lines (organization_id);
+create index job_lines_run_idx on public.job_lines (planner_run_id);
+
+create table public.rotations (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null,
+  allocation_run_id uuid not null,  -- lets the keys below tie line and term to ONE allocation run
+  job_line_id uuid not null,
+  term_id uuid not null,
+  team_id uuid not null,
+  pinned boolean not null default false,  -- a manager's edit to keep on the next regeneration
+  updated_at timestamptz not null default now(),
+  unique (job_line_id, term_id),  -- one rotation per line per term
+  foreign key (job_line_id, allocation_run_id, organization_id)
+    references public.job_lines (id, allocation_run_id, organization_id) on delete cascade,
+  foreign key (term_id, allocation_run_id, organization_id)
+    references public.terms (id, allocation_run_id, organization_id) on delete cascade,
+  foreign key (team_id, organization_id)
+    references public.teams (id, organization_id)
+);
+create index rotations_org_idx on public.rotations (organization_id);
+create index rotations_term_idx on public.rotations (term_id);
+create index rotations_team_idx on public.rotations (team_id);
+
+-- One snapshot per overwrite of an allocation run's plan (commit_plan or restore_job_lines).
+-- `plan` holds the complete previous plan in the same shape commit_plan accepts, plus each
+-- line's planner_run_id, so restoring is "commit this plan again".
+create table public.job_lines_history (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null,
+  allocation_run_id uuid not null,
+  planner_run_id uuid,           -- the run whose commit replaced this plan (NULL: a restore did)
+  restored_snapshot_id uuid,     -- the snapshot a restore put in its place (NULL: a commit did)
+  taken_at timestamptz not null default now(),
+  taken_by uuid,                 -- auth.uid() of a restore; NULL for the engine
+  n_lines integer not null check (n_lines >= 0),
+  plan jsonb not null check (jsonb_typeof(plan -> 'lines') = 'array'),
+  unique (id, allocation_run_id, organization_id),
+  foreign key (allocation_run_id, organization_id)
+    references public.allocation_runs (id, organization_id) on delete cascade,
+  foreign key (planner_run_id, allocation_run_id, organization_id)
+    references public.allocation_planner_runs (id, allocation_run_id, organization_id)
+    on delete set null (planner_run_id),
+  foreign key (restored_snapshot_id, allocation_run_id, organization_id)
+    references public.job_lines_history (id, allocation_run_id, organization_id)
+    on delete set null (restored_snapshot_id)
+);
+create index job_lines_history_alloc_idx on public.job_lines_history (allocation_run_id, taken_at);
+create index job_lines_history_org_idx on public.job_lines_history (organization_id);
+
+create table public.planner_execution_logs (
+  id bigint generated always as identity primary key,
+  planner_run_id uuid not null,
+  organization_id uuid not null,
+  logged_at timestamptz not null default now(),
+  level text not null
+    check (level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')),
+  message text not null,
+  context jsonb not null default '{}',
+  traceback text,
+  foreign key (planner_run_id, organization_id)
+    references public.allocation_planner_runs (id, organization_id) on delete cascade
+);
+create index planner_execution_logs_run_idx
+  on public.planner_execution_logs (planner_run_id, logged_at);
+create index planner_execution_logs_org_idx on public.planner_execution_logs (organization_id);

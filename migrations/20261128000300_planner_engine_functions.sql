@@ -1,0 +1,440 @@
+-- Planner schema, part 3: the engine's API (schema planner_engine) and the two functions
+-- users call (public.request_cancel, public.restore_job_lines).
+--
+-- The engine never touches tables directly. Every write is one of these functions, and every
+-- write after the claim is fenced on the claim's lease: a worker that lost its run (swept,
+-- re-queued, claimed by another worker) gets PL001 and nothing is written. See
+-- /work/shared/research/queue-anchors.md §4–5 for why (zombie completions, sweeper races).
+
+create function planner_private.raise_lease_lost(p_run_id uuid, p_status text)
+returns void
+language plpgsql set search_path = ''
+as $$
+begin
+  raise exception using errcode = 'PL001',
+    message = format('lease lost: planner run %s is %s and no longer held with this lease; '
+                     'nothing was written', p_run_id, coalesce(p_status, 'missing')),
+    hint = 'the sweeper re-queued or failed the run, or it was cancelled or claimed by another '
+           'worker; stop working on it and discard the result';
+end
+$$;
+
+-- -- claim -----------------------------------------------------------------------------------
+create function planner_engine.claim_run(p_worker_id text, p_run_id uuid default null)
+returns setof public.allocation_planner_runs
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  v public.allocation_planner_runs;
+begin
+  if p_worker_id is null or length(btrim(p_worker_id)) = 0 then
+    raise exception using errcode = '22023', message = 'claim_run needs a worker id';
+  end if;
+  loop
+    -- SKIP LOCKED: concurrent claimers each get a different run (or none) without waiting.
+    select * into v
+      from public.allocation_planner_runs r
+     where r.status = 'PENDING' and (p_run_id is null or r.id = p_run_id)
+     order by r.created_at, r.id
+     limit 1
+       for update skip locked;
+    if not found then
+      return;
+    end if;
+
+    if v.attempts >= v.max_attempts then
+      -- A poison run (killed its workers max_attempts times) ends here, not in a loop.
+      update public.allocation_planner_runs
+         set status = 'FAILED', finished_at = now(),
+             error = format('gave up after %s attempts', v.attempts)
+       where id = v.id;
+      insert into public.planner_execution_logs
+        (planner_run_id, organization_id, level, message, context)
+      values (v.id, v.organization_id, 'ERROR',
+              format('Gave up: the run was claimed %s times (max_attempts %s) without finishing',
+                     v.attempts, v.max_attempts),
+              jsonb_build_object('event', 'max_attempts', 'attempts', v.attempts,
+                                 'max_attempts', v.max_attempts, 'worker_id', p_worker_id));
+      if p_run_id is not null then
+        return;
+      end if;
+      continue;
+    end if;
+
+    return query
+      update public.allocation_planner_runs r
+         set status = 'GENERATING',
+             attempts = r.attempts + 1,
+             worker_id = p_worker_id,
+             lease = gen_random_uuid(),
+             claimed_at = now(),
+             heartbeat_at = now(),
+             error = null
+       where r.id = v.id
+      returning r.*;
+    return;
+  end loop;
+end
+$$;
+
+-- -- heartbeat ------------------------------------------------------------------------------
+-- Exactly one row. lease_held = false means: stop solving, the run is not yours any more.
+create function planner_engine.heartbeat(p_run_id uuid, p_lease uuid)
+returns table (lease_held boolean, cancel_requested boolean)
+language sql volatile security definer set search_path = ''
+as $$
+  with hb as (
+    -- Fenced like every engine write: the WHERE is re-checked against the row version a
+    -- concurrent sweeper committed, so a heartbeat can never revive a swept run.
+    update public.allocation_planner_runs r
+       set heartbeat_at = now()
+     where r.id = p_run_id and r.status = 'GENERATING' and r.lease = p_lease
+    returning r.cancel_requested_at
+  )
+  select exists (select 1 from hb),
+         coalesce((select hb.cancel_requested_at is not null from hb),
+                  (select r.cancel_requested_at is not null
+                     from public.allocation_planner_runs r where r.id = p_run_id),
+                  false)
+$$;
+
+-- -- the problem -----------------------------------------------------------------------------
+create function planner_engine.load_problem(p_run_id uuid, p_lease uuid)
+returns jsonb
+language plpgsql stable security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+begin
+  select * into r from public.allocation_planner_runs where id = p_run_id;
+  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+    perform planner_private.raise_lease_lost(p_run_id, r.status);
+  end if;
+  -- Strings are never JSON null (the solver's models are strict): '' stands for "none".
+  return jsonb_build_object(
+    'terms', (
+      select coalesce(jsonb_agg(jsonb_build_object(
+               'id', t.id::text, 'name', t.name, 'weeks', t.weeks) order by t.ordinal), '[]')
+        from public.terms t where t.allocation_run_id = r.allocation_run_id),
+    'teams', (
+      select coalesce(jsonb_agg(jsonb_build_object(
+               'id', tm.id::text, 'name', tm.name, 'specialty', tm.specialty,
+               'subspecialty', coalesce(tm.subspecialty, ''), 'kind', tm.kind,
+               'experiences', to_jsonb(tm.experiences), 'site', coalesce(tm.site, ''),
+               'rural', tm.rural, 'tags', to_jsonb(tm.tags)) order by tm.name, tm.id), '[]')
+        from public.teams tm
+       where tm.organization_id = r.organization_id
+         and exists (select 1 from public.team_demand d
+                      where d.allocation_run_id = r.allocation_run_id and d.team_id = tm.id)),
+    'demand', (
+      select coalesce(jsonb_agg(jsonb_build_object(
+               'team', d.team_id::text, 'term', d.term_id::text,
+               'min', d.min_lines, 'max', d.max_lines) order by tm.name, t.ordinal), '[]')
+        from public.team_demand d
+        join public.teams tm on tm.id = d.team_id
+        join public.terms t on t.id = d.term_id
+       where d.allocation_run_id = r.allocation_run_id),
+    'n_job_lines', r.n_job_lines,
+    'rule_sets', to_jsonb(r.constraints),
+    'previous_plan', planner_private.current_plan(r.allocation_run_id, false),
+    'options', coalesce(r.options, '{}'::jsonb));
+end
+$$;
+
+-- -- results ---------------------------------------------------------------------------------
+create function planner_engine.commit_plan(
+  p_run_id uuid,
+  p_lease uuid,
+  p_organization_id uuid,
+  p_plan jsonb,
+  p_result_metadata jsonb
+) returns uuid
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+  v_snapshot uuid;
+begin
+  -- Lock the run first: a sweeper or cancel arriving now waits for this transaction, and
+  -- one that already committed has cleared the lease, which the check below sees.
+  select * into r from public.allocation_planner_runs where id = p_run_id for update;
+  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+    perform planner_private.raise_lease_lost(p_run_id, r.status);
+  end if;
+  if p_organization_id is distinct from r.organization_id then
+    raise exception using errcode = 'PL002',
+      message = format('planner run %s belongs to organisation %s, not %s',
+                       p_run_id, r.organization_id, p_organization_id),
+      hint = 'pass the organization_id of the claimed run';
+  end if;
+
+  v_snapshot := planner_private.replace_plan(
+    r.allocation_run_id, r.organization_id, p_plan, r.id, null, null);
+
+  update public.allocation_planner_runs
+     set status = 'COMPLETED', finished_at = now(), lease = null, error = null,
+         result_metadata = coalesce(p_result_metadata, '{}'::jsonb)
+   where id = p_run_id;
+  return v_snapshot;
+end
+$$;
+
+create function planner_engine.finish_run(
+  p_run_id uuid,
+  p_lease uuid,
+  p_status text,
+  p_error text default null,
+  p_result_metadata jsonb default null
+) returns void
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+  v_status text := p_status;
+begin
+  if p_status is null or p_status not in ('FAILED', 'INFEASIBLE', 'CANCELLED', 'PENDING') then
+    raise exception using errcode = '22023',
+      message = format('finish_run: status must be FAILED, INFEASIBLE, CANCELLED or PENDING, '
+                       'not %s', coalesce(p_status, 'NULL')),
+      hint = 'use commit_plan to complete a run';
+  end if;
+  select * into r from public.allocation_planner_runs where id = p_run_id for update;
+  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+    perform planner_private.raise_lease_lost(p_run_id, r.status);
+  end if;
+  -- Re-queueing a run the user asked to stop would only restart it: cancel it instead.
+  if v_status = 'PENDING' and r.cancel_requested_at is not null then
+    v_status := 'CANCELLED';
+  end if;
+  update public.allocation_planner_runs
+     set status = v_status,
+         lease = null,
+         -- A graceful re-queue (SIGTERM, deploy) is not the run's fault: give the attempt back
+         -- so rolling deploys cannot push a healthy run to max_attempts. Crashes are still
+         -- counted, because only the sweeper re-queues those.
+         attempts = case when v_status = 'PENDING' then greatest(r.attempts - 1, 0)
+                         else r.attempts end,
+         worker_id = case when v_status = 'PENDING' then null else r.worker_id end,
+         finished_at = case when v_status = 'PENDING' then null else now() end,
+         error = p_error,
+         result_metadata = coalesce(p_result_metadata, r.result_metadata)
+   where id = p_run_id;
+end
+$$;
+
+-- -- logs --------------------------------------------------------------------------------------
+create function planner_engine.write_log(
+  p_planner_run_id uuid,
+  p_organization_id uuid,
+  p_level text,
+  p_message text,
+  p_context jsonb default '{}',
+  p_traceback text default null,
+  p_logged_at timestamptz default now()
+) returns void
+language plpgsql volatile security definer set search_path = ''
+as $$
+begin
+  if not exists (select 1 from public.allocation_planner_runs r
+                  where r.id = p_planner_run_id and r.organization_id = p_organization_id) then
+    raise exception using errcode = 'PL002',
+      message = format('planner run %s does not belong to organisation %s',
+                       p_planner_run_id, p_organization_id);
+  end if;
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, logged_at, level, message, context, traceback)
+  values (p_planner_run_id, p_organization_id, coalesce(p_logged_at, now()),
+          upper(coalesce(p_level, 'INFO')), coalesce(p_message, ''),
+          coalesce(p_context, '{}'::jsonb), p_traceback);
+end
+$$;
+
+-- The listener's batching sink. A record whose run does not exist or belongs to another
+-- organisation is skipped (not written, not an error) so one bad record cannot lose a whole
+-- batch; the return value is the number of rows written. An unknown level is stored as INFO
+-- with the original level kept in context.level.
+create function planner_engine.write_logs(p_records jsonb)
+returns integer
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  n integer;
+begin
+  if p_records is null or jsonb_typeof(p_records) <> 'array' then
+    raise exception using errcode = '22023', message = 'write_logs expects a JSON array of records';
+  end if;
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, logged_at, level, message, context, traceback)
+  select r.id, r.organization_id,
+         coalesce((x ->> 'logged_at')::timestamptz, now()),
+         case when lv.level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')
+              then lv.level else 'INFO' end,
+         coalesce(x ->> 'message', ''),
+         case when jsonb_typeof(x -> 'context') = 'object' then x -> 'context' else '{}'::jsonb end
+           || case when lv.level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')
+                   then '{}'::jsonb else jsonb_build_object('level', x ->> 'level') end,
+         x ->> 'traceback'
+    from jsonb_array_elements(p_records) x
+    cross join lateral (select upper(coalesce(x ->> 'level', 'INFO')) as level) lv
+    join public.allocation_planner_runs r
+      on r.id::text = lower(x ->> 'planner_run_id')
+     and r.organization_id::text = lower(x ->> 'organization_id')
+   where jsonb_typeof(x) = 'object';
+  get diagnostics n = row_count;
+  return n;
+end
+$$;
+
+-- -- the sweeper -----------------------------------------------------------------------------
+create function planner_engine.sweep_stale_runs(
+  p_ttl interval default '90 seconds',
+  p_pending_ttl interval default '30 minutes'
+) returns integer
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  n_stale integer;
+  n_pending integer;
+begin
+  -- Single runner: an overlapping cron tick or a manual call just returns 0.
+  if not pg_catalog.pg_try_advisory_xact_lock(
+           pg_catalog.hashtextextended('planner_engine.sweep_stale_runs', 0)) then
+    return 0;
+  end if;
+
+  -- Stale GENERATING runs. The condition sits in the UPDATE's own WHERE, so it is re-checked
+  -- on the latest row version: a heartbeat that commits first makes the row not stale any
+  -- more and it is skipped (READ COMMITTED re-evaluation), never a select-then-update race.
+  with old as (
+    select s.id, s.worker_id
+      from public.allocation_planner_runs s
+     where s.status = 'GENERATING' and s.heartbeat_at < now() - p_ttl
+  ), swept as (
+    update public.allocation_planner_runs r
+       set status = case when r.cancel_requested_at is not null then 'CANCELLED'
+                         when r.attempts >= r.max_attempts then 'FAILED'
+                         else 'PENDING' end,
+           finished_at = case when r.cancel_requested_at is not null
+                                or r.attempts >= r.max_attempts then now() end,
+           lease = null,
+           worker_id = null,
+           error = format('heartbeat lost: last heartbeat at %s from worker %s',
+                          r.heartbeat_at, coalesce(r.worker_id, '?'))
+      from old
+     where r.id = old.id
+       and r.status = 'GENERATING'
+       and r.heartbeat_at < now() - p_ttl
+    returning r.id, r.organization_id, r.status, r.attempts, r.max_attempts, r.heartbeat_at,
+              old.worker_id
+  )
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, level, message, context)
+  select sw.id, sw.organization_id,
+         case sw.status when 'FAILED' then 'ERROR' when 'PENDING' then 'WARNING' else 'INFO' end,
+         format('Timeout: no heartbeat from worker %s since %s (more than %s ago); %s',
+                coalesce(sw.worker_id, '?'), sw.heartbeat_at, p_ttl,
+                case sw.status
+                  when 'PENDING' then format('run re-queued after attempt %s of %s',
+                                             sw.attempts, sw.max_attempts)
+                  when 'FAILED' then format('run failed: all %s attempts used', sw.max_attempts)
+                  else 'run cancelled as the user had asked' end),
+         jsonb_build_object('event', 'sweep_stale', 'new_status', sw.status,
+                            'last_heartbeat_at', sw.heartbeat_at, 'worker_id', sw.worker_id,
+                            'attempts', sw.attempts, 'max_attempts', sw.max_attempts,
+                            'ttl_seconds', extract(epoch from p_ttl))
+    from swept sw;
+  get diagnostics n_stale = row_count;
+
+  -- PENDING runs nobody claimed. A re-queued run waits since its last heartbeat, not since
+  -- it was created, so a run re-queued late is not failed straight away.
+  with failed as (
+    update public.allocation_planner_runs r
+       set status = 'FAILED', finished_at = now(),
+           error = format('no planner picked this run up within %s', p_pending_ttl)
+     where r.status = 'PENDING'
+       and greatest(r.created_at, r.heartbeat_at) < now() - p_pending_ttl
+    returning r.id, r.organization_id, r.created_at, r.heartbeat_at
+  )
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, level, message, context)
+  select f.id, f.organization_id, 'ERROR',
+         format('Timeout: no planner picked this run up within %s (queued since %s, last '
+                'heartbeat %s); run failed', p_pending_ttl,
+                greatest(f.created_at, f.heartbeat_at), coalesce(f.heartbeat_at::text, 'never')),
+         jsonb_build_object('event', 'sweep_pending', 'new_status', 'FAILED',
+                            'created_at', f.created_at, 'last_heartbeat_at', f.heartbeat_at,
+                            'pending_ttl_seconds', extract(epoch from p_pending_ttl))
+    from failed f;
+  get diagnostics n_pending = row_count;
+
+  return n_stale + n_pending;
+end
+$$;
+
+-- -- what users call ---------------------------------------------------------------------------
+create function public.request_cancel(p_run_id uuid)
+returns void
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+begin
+  select * into r from public.allocation_planner_runs where id = p_run_id for update;
+  -- One message for "no such run" and "not yours": existence of other tenants' runs is private.
+  if not found or not planner_private.caller_can_plan(r.organization_id) then
+    raise exception using errcode = 'PL012',
+      message = format('planner run %s not found, or you are not a planner or admin of its '
+                       'organisation', p_run_id),
+      hint = 'only planners and admins can cancel runs';
+  end if;
+  if r.status = 'PENDING' then
+    -- Nobody is working on it: cancel now (the sweeper would otherwise fail it later).
+    update public.allocation_planner_runs
+       set status = 'CANCELLED', finished_at = now(), cancel_requested_at = now(),
+           error = 'cancelled before a planner picked it up'
+     where id = p_run_id;
+  elsif r.status = 'GENERATING' then
+    -- The engine sees this on its next heartbeat and stops (finish_run CANCELLED).
+    update public.allocation_planner_runs
+       set cancel_requested_at = coalesce(cancel_requested_at, now())
+     where id = p_run_id;
+  else
+    return;  -- already finished: nothing to cancel, not an error (double clicks)
+  end if;
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, level, message, context)
+  values (r.id, r.organization_id, 'INFO',
+          case r.status when 'PENDING' then 'Cancelled by user before a planner picked it up'
+                        else 'Cancellation requested by user' end,
+          jsonb_build_object('event', 'cancel_requested', 'by', auth.uid(),
+                             'status_at_request', r.status));
+end
+$$;
+
+create function public.restore_job_lines(p_snapshot_id uuid)
+returns uuid
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  h public.job_lines_history;
+begin
+  select * into h from public.job_lines_history where id = p_snapshot_id;
+  if not found or not planner_private.caller_can_plan(h.organization_id) then
+    raise exception using errcode = 'PL012',
+      message = format('snapshot %s not found, or you are not a planner or admin of its '
+                       'organisation', p_snapshot_id),
+      hint = 'only planners and admins can restore a plan';
+  end if;
+  -- A run about to commit would silently replace the restored plan; make the user choose.
+  if exists (select 1 from public.allocation_planner_runs r
+              where r.allocation_run_id = h.allocation_run_id
+                and r.status in ('PENDING', 'GENERATING')) then
+    raise exception using errcode = 'PL013',
+      message = 'a planner run is pending or generating for this allocation run',
+      hint = 'wait for it to finish or cancel it before restoring';
+  end if;
+  -- The plan being replaced is snapshotted first, so the restore itself can be undone.
+  return planner_private.replace_plan(
+    h.allocation_run_id, h.organization_id, h.plan, null, h.id, auth.uid());
+end
+$$;

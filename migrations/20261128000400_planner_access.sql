@@ -1,0 +1,200 @@
+-- Planner schema, part 4: who may do what. Roles, grants, RLS, Realtime, the sweeper's cron job.
+--
+-- Two layers: GRANTs say which statements a role may run at all (a viewer has no UPDATE on
+-- runs, whatever the policies say), RLS policies say on which rows. Both are deny-by-default:
+-- the scaffolding's default privileges grant everything in `public` to the API roles, so we
+-- revoke first and grant back only what each role needs.
+
+-- -- the engine's login role ---------------------------------------------------------------
+-- NOLOGIN here: on a hosted project the operator gives it a password
+-- (`alter role planner_engine login password '...'`); `planner dev up` does so locally.
+-- Why not the service-role key: that key bypasses RLS and may write every table; a leaked
+-- listener credential would then be a full-database credential. planner_engine can only call
+-- the fenced functions below and read planning inputs (docs/database.md).
+do $$
+begin
+  if not exists (select from pg_roles where rolname = 'planner_engine') then
+    create role planner_engine nologin noinherit nobypassrls;
+  end if;
+end
+$$;
+comment on role planner_engine is
+  'Login role of the planner listener: EXECUTE on planner_engine.*, SELECT on inputs, no direct writes.';
+
+-- -- table privileges -------------------------------------------------------------------------
+revoke all on public.organizations, public.organization_members, public.planner_rule_sets,
+  public.allocation_runs, public.terms, public.teams, public.team_demand,
+  public.allocation_planner_runs, public.job_lines, public.rotations, public.job_lines_history,
+  public.planner_execution_logs
+  from public, anon, authenticated, planner_engine;
+revoke all on all tables in schema planner_engine from public;
+revoke all on all tables in schema planner_private from public;
+
+grant select on public.organizations, public.planner_rule_sets, public.job_lines,
+  public.job_lines_history, public.planner_execution_logs
+  to authenticated;
+grant select, insert, update, delete on public.organization_members to authenticated;
+grant select, insert, update, delete on public.allocation_runs, public.terms, public.teams,
+  public.team_demand to authenticated;
+-- Runs: users insert a request and read progress; every later change goes through functions.
+grant select, insert on public.allocation_planner_runs to authenticated;
+-- Rotations: a manager's tweak changes the team or the pin, nothing else.
+grant select, update (team_id, pinned) on public.rotations to authenticated;
+
+-- The service role keeps full access (it bypasses RLS by design); the composite keys and the
+-- triggers still hold for it.
+grant all on all tables in schema public to service_role;
+
+grant usage on schema planner_engine to planner_engine;
+grant select on public.organizations, public.planner_rule_sets, public.allocation_runs,
+  public.terms, public.teams, public.team_demand, public.allocation_planner_runs
+  to planner_engine;
+
+-- -- function privileges ----------------------------------------------------------------------
+revoke all on all functions in schema planner_engine from public, anon, authenticated;
+revoke all on all functions in schema planner_private from public, anon, authenticated;
+revoke all on function public.request_cancel(uuid), public.restore_job_lines(uuid)
+  from public, anon;
+
+grant execute on function
+  planner_engine.claim_run(text, uuid),
+  planner_engine.heartbeat(uuid, uuid),
+  planner_engine.load_problem(uuid, uuid),
+  planner_engine.commit_plan(uuid, uuid, uuid, jsonb, jsonb),
+  planner_engine.finish_run(uuid, uuid, text, text, jsonb),
+  planner_engine.write_log(uuid, uuid, text, text, jsonb, text, timestamptz),
+  planner_engine.write_logs(jsonb),
+  planner_engine.sweep_stale_runs(interval, interval)
+  to planner_engine, service_role;
+grant usage on schema planner_engine to service_role;
+
+-- Policies and the run-insert trigger call these as the querying role.
+grant usage on schema planner_private to authenticated, service_role;
+grant execute on function
+  planner_private.has_role(uuid, text[]),
+  planner_private.is_member(uuid),
+  planner_private.can_plan(uuid),
+  planner_private.invoker_is_privileged(),
+  planner_private.admit_run(uuid, uuid, integer, text[], boolean),
+  planner_private.can_read_run_topic(text)
+  to authenticated, service_role;
+
+grant execute on function public.request_cancel(uuid), public.restore_job_lines(uuid)
+  to authenticated, service_role;
+
+-- -- row-level security -------------------------------------------------------------------------
+alter table planner_engine.settings enable row level security;  -- no policy: owner only
+alter table public.organizations enable row level security;
+alter table public.organization_members enable row level security;
+alter table public.planner_rule_sets enable row level security;
+alter table public.allocation_runs enable row level security;
+alter table public.terms enable row level security;
+alter table public.teams enable row level security;
+alter table public.team_demand enable row level security;
+alter table public.allocation_planner_runs enable row level security;
+alter table public.job_lines enable row level security;
+alter table public.rotations enable row level security;
+alter table public.job_lines_history enable row level security;
+alter table public.planner_execution_logs enable row level security;
+
+create policy members_read on public.organizations
+  for select to authenticated using (planner_private.is_member(id));
+
+create policy members_read on public.organization_members
+  for select to authenticated using (planner_private.is_member(organization_id));
+create policy admins_insert on public.organization_members
+  for insert to authenticated with check (planner_private.has_role(organization_id, array['admin']));
+create policy admins_update on public.organization_members
+  for update to authenticated
+  using (planner_private.has_role(organization_id, array['admin']))
+  with check (planner_private.has_role(organization_id, array['admin']));
+create policy admins_delete on public.organization_members
+  for delete to authenticated using (planner_private.has_role(organization_id, array['admin']));
+
+create policy everyone_signed_in_reads on public.planner_rule_sets
+  for select to authenticated, planner_engine using (true);
+
+-- Planning inputs: members read, planners and admins edit, the engine reads everything.
+do $$
+declare
+  t text;
+begin
+  foreach t in array array['allocation_runs', 'terms', 'teams', 'team_demand'] loop
+    execute format('create policy members_read on public.%I for select to authenticated '
+                   'using (planner_private.is_member(organization_id))', t);
+    execute format('create policy planners_insert on public.%I for insert to authenticated '
+                   'with check (planner_private.can_plan(organization_id))', t);
+    execute format('create policy planners_update on public.%I for update to authenticated '
+                   'using (planner_private.can_plan(organization_id)) '
+                   'with check (planner_private.can_plan(organization_id))', t);
+    execute format('create policy planners_delete on public.%I for delete to authenticated '
+                   'using (planner_private.can_plan(organization_id))', t);
+    execute format('create policy engine_reads on public.%I for select to planner_engine '
+                   'using (true)', t);
+  end loop;
+end
+$$;
+create policy engine_reads on public.organizations
+  for select to planner_engine using (true);
+
+create policy members_read on public.allocation_planner_runs
+  for select to authenticated using (planner_private.is_member(organization_id));
+-- The trigger adds the finer checks (PL010-PL015) with readable messages; this policy is the
+-- coarse backstop.
+create policy planners_insert on public.allocation_planner_runs
+  for insert to authenticated with check (planner_private.can_plan(organization_id));
+create policy engine_reads on public.allocation_planner_runs
+  for select to planner_engine using (true);
+
+create policy members_read on public.job_lines
+  for select to authenticated using (planner_private.is_member(organization_id));
+
+create policy members_read on public.rotations
+  for select to authenticated using (planner_private.is_member(organization_id));
+create policy planners_update on public.rotations
+  for update to authenticated
+  using (planner_private.can_plan(organization_id))
+  with check (planner_private.can_plan(organization_id));
+
+create policy members_read on public.job_lines_history
+  for select to authenticated using (planner_private.is_member(organization_id));
+
+create policy members_read on public.planner_execution_logs
+  for select to authenticated using (planner_private.is_member(organization_id));
+
+-- -- Realtime ---------------------------------------------------------------------------------
+-- Private channel `planner_run:<run id>`: members of the run's organisation may join and read
+-- (broadcast and presence). No INSERT policy: users cannot send on it; the listener
+-- broadcasts with the service-role key, which bypasses RLS.
+drop policy if exists planner_run_members_read on realtime.messages;
+create policy planner_run_members_read on realtime.messages
+  for select to authenticated
+  using (extension in ('broadcast', 'presence')
+         and planner_private.can_read_run_topic((select realtime.topic())));
+
+-- postgres_changes for the UI's run status. FULL: UPDATE events carry the old row too, so the
+-- UI sees which status a run came from and Realtime can apply RLS to every column it sends.
+alter table public.allocation_planner_runs replica identity full;
+do $$
+begin
+  if not exists (select 1 from pg_publication_tables
+                  where pubname = 'supabase_realtime' and schemaname = 'public'
+                    and tablename = 'allocation_planner_runs') then
+    alter publication supabase_realtime add table public.allocation_planner_runs;
+  end if;
+end
+$$;
+
+-- -- the sweeper's schedule --------------------------------------------------------------------
+-- pg_cron exists only in its own database (`postgres`, as on Supabase). Elsewhere (test
+-- clones, a project that has not enabled pg_cron) the migration still applies and the
+-- function can be called by hand or by an external scheduler. cron.schedule with a job name
+-- replaces an existing job of that name, so re-running this is harmless.
+do $$
+begin
+  if exists (select 1 from pg_extension where extname = 'pg_cron') then
+    perform cron.schedule('planner-sweep-stale-runs', '* * * * *',
+                          'select planner_engine.sweep_stale_runs()');
+  end if;
+end
+$$;
