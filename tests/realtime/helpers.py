@@ -1,0 +1,177 @@
+"""Test plumbing for the Realtime conformance tests: event collectors for both real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from realtime import AsyncRealtimeChannel, AsyncRealtimeClient
+
+from devstack.settings import REPO_ROOT
+
+JS_DIR = REPO_ROOT / "tests" / "js"
+Pred = Callable[[dict[str, Any]], bool]
+
+
+class Events:
+    """Everything a client saw, in order, with awaitable matching."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+        self._changed = asyncio.Event()
+
+    def add(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+        self._changed.set()
+
+    async def wait(self, pred: Pred, wait_s: float = 5.0) -> dict[str, Any]:
+        """The first (not yet consumed) event matching `pred`; it is consumed."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for i, item in enumerate(self.items):
+                if pred(item):
+                    return self.items.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching event within {wait_s}s; saw {self.items}")
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+
+    async def none(self, pred: Pred, within: float = 0.7) -> None:
+        """Assert that no matching event arrives within `within` seconds."""
+        await asyncio.sleep(within)
+        bad = [i for i in self.items if pred(i)]
+        assert not bad, f"unexpected events: {bad}"
+
+
+def kind(k: str, **fields: Any) -> Pred:
+    def pred(item: dict[str, Any]) -> bool:
+        return item.get("kind") == k and all(item.get(f) == v for f, v in fields.items())
+
+    return pred
+
+
+class PyClient:
+    """The real `realtime` 2.34.1 client with its callbacks recorded as events."""
+
+    def __init__(self, url: str, token: str, **kwargs: Any) -> None:
+        self.client = AsyncRealtimeClient(f"{url}/realtime/v1", token, **kwargs)
+        self.events = Events()
+        self.last_status: dict[str, Any] = {}
+
+    def channel(self, name: str, config: dict[str, Any] | None = None) -> AsyncRealtimeChannel:
+        cfg = {
+            "broadcast": {"self": False, "ack": False},
+            "presence": {"key": "", "enabled": False},
+            "private": False,
+            **(config or {}),
+        }
+        return self.client.channel(name, {"config": cfg})
+
+    def on_pg(self, ch: AsyncRealtimeChannel, event: str, table: str, **kw: Any) -> None:
+        name = ch.topic.split(":", 1)[1]
+        ch.on_postgres_changes(
+            event, lambda p: self.events.add({"kind": "pg", "ch": name, "payload": p}),
+            table=table, **kw,
+        )
+
+    def on_broadcast(self, ch: AsyncRealtimeChannel, event: str = "*") -> None:
+        name = ch.topic.split(":", 1)[1]
+        ch.on_broadcast(event, lambda p: self.events.add({"kind": "bc", "ch": name, "payload": p}))
+
+    async def subscribe(self, ch: AsyncRealtimeChannel, wait_system: bool = False) -> str:
+        """Join; returns the first status. With `wait_system`, also await the pg system ok."""
+        name = ch.topic.split(":", 1)[1]
+        ch.on_system(lambda p: self.events.add({"kind": "system", "ch": name, "payload": p}))
+        await ch.subscribe(
+            lambda st, err: self.events.add(
+                {"kind": "status", "ch": name, "status": str(st.value), "err": str(err or "")}
+            )
+        )
+        first = await self.events.wait(kind("status", ch=name), wait_s=8)
+        self.last_status = first
+        if wait_system and first["status"] == "SUBSCRIBED":
+            await self.events.wait(kind("system", ch=name), wait_s=5)
+        return str(first["status"])
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class JsClient:
+    """`node tests/js/rt_client.mjs`: the pinned realtime-js, driven by JSON lines."""
+
+    def __init__(self, url: str, token: str, vsn: str | None = None) -> None:
+        self.url = url
+        self.token = token
+        self.vsn = vsn
+        self.events = Events()
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("node") is not None and (
+            JS_DIR / "node_modules" / "@supabase" / "realtime-js"
+        ).is_dir()
+
+    async def start(self) -> None:
+        args = [str(JS_DIR / "rt_client.mjs"), f"{self.url}/realtime/v1", self.token]
+        if self.vsn:
+            args.append(self.vsn)
+        self.proc = await asyncio.create_subprocess_exec(
+            "node", *args, cwd=str(JS_DIR), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read())
+        await self.events.wait(lambda e: e.get("type") == "ready", wait_s=10)
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            try:
+                self.events.add(json.loads(line))
+            except ValueError:
+                self.events.add({"type": "stdout", "line": line.decode(errors="replace")})
+
+    async def cmd(self, **command: Any) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(command) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def channel(self, name: str, **spec: Any) -> str:
+        await self.cmd(cmd="channel", name=name, **spec)
+        ev = await self.events.wait(
+            lambda e: e.get("type") == "status" and e.get("name") == name, wait_s=10
+        )
+        return str(ev["status"])
+
+    async def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            try:
+                await self.cmd(cmd="exit")
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except (TimeoutError, ConnectionError, BrokenPipeError):
+                self.proc.kill()
+                await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+
+
+def js_type(t: str, **fields: Any) -> Pred:
+    def pred(item: dict[str, Any]) -> bool:
+        return item.get("type") == t and all(item.get(f) == v for f, v in fields.items())
+
+    return pred
+
+
+__all__ = ["JS_DIR", "Events", "JsClient", "Path", "PyClient", "js_type", "kind"]
