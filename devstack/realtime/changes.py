@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 from loguru import logger
 
 from devstack.realtime.channel import Channel
@@ -130,12 +131,21 @@ class ChangeDispatcher:
     async def run(self) -> None:
         while True:
             change = await self.queue.get()
-            try:
-                await self.dispatch(change)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("dropping a change that could not be dispatched")
+            for attempt in (1, 2):
+                try:
+                    await self.dispatch(change)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError) as exc:
+                    # A pooled connection died with a database restart: retry once on a new one.
+                    if attempt == 2:
+                        logger.warning("dropping a change after a database error: {}", exc)
+                    else:
+                        await asyncio.sleep(0.1)
+                except Exception:
+                    logger.exception("dropping a change that could not be dispatched")
+                    break
 
     async def dispatch(self, change: dict[str, Any]) -> None:
         schema, table = str(change["schema"]), str(change["table"])

@@ -65,6 +65,10 @@ class Channel:
         """A channel-originated push (system, presence_state, phx_close): carries join_ref."""
         self.conn.send(Message(self.topic, event, payload, None, self.join_ref))
 
+    def push_close(self) -> None:
+        """`phx_close`: Phoenix sends it with ref = join_ref (clients match on it)."""
+        self.conn.send(Message(self.topic, "phx_close", {}, self.join_ref, self.join_ref))
+
     def fanout(self, event: str, payload: Any) -> None:
         """A fan-out push (broadcast, postgres_changes, presence_diff): join_ref null."""
         self.conn.send(Message(self.topic, event, payload, None, None))

@@ -132,7 +132,7 @@ class Connection:
         """Channel-level shutdown: `system` error, then `phx_close` (as Supabase)."""
         ch.system("system", "error", message)
         self.close_channel(ch)
-        ch.push("phx_close", {})
+        ch.push_close()
         logger.info("{}: channel {} shut down: {}", self.peer, ch.topic, message)
 
     # -- inbound ---------------------------------------------------------------------------
@@ -172,7 +172,7 @@ class Connection:
         if msg.event == "phx_leave":
             ch.reply(msg.ref, "ok", {})
             self.close_channel(ch)
-            ch.push("phx_close", {})
+            ch.push_close()
         elif msg.event == "access_token":
             await self.on_access_token(ch, payload)
         elif msg.event == "broadcast":

@@ -16,7 +16,8 @@ import readline from 'node:readline'
 const [endpoint, apikey, vsn] = process.argv.slice(2)
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 
-const options = { params: { apikey }, transport: ws, heartbeatIntervalMs: 5000 }
+const heartbeatIntervalMs = Number(process.env.RT_HEARTBEAT_MS ?? 5000)
+const options = { params: { apikey }, transport: ws, heartbeatIntervalMs }
 if (vsn) options.vsn = vsn
 const client = new RealtimeClient(endpoint.replace(/^http/, 'ws'), options)
 const channels = new Map()
@@ -36,6 +37,10 @@ function openChannel(cmd) {
     }
   }
   ch.on('system', {}, (payload) => emit({ type: 'system', name: cmd.name, payload }))
+  if (cmd.watchHeartbeat && !client._hbWatched) {
+    client._hbWatched = true
+    client.onHeartbeat((status) => emit({ type: 'heartbeat', status }))
+  }
   channels.set(cmd.name, ch)
   ch.subscribe((status, err) => emit({ type: 'status', name: cmd.name, status, err: err ? String(err.message ?? err) : null }))
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -108,7 +109,10 @@ class PyClient:
 class JsClient:
     """`node tests/js/rt_client.mjs`: the pinned realtime-js, driven by JSON lines."""
 
-    def __init__(self, url: str, token: str, vsn: str | None = None) -> None:
+    def __init__(
+        self, url: str, token: str, vsn: str | None = None, heartbeat_ms: int = 5000
+    ) -> None:
+        self.heartbeat_ms = heartbeat_ms
         self.url = url
         self.token = token
         self.vsn = vsn
@@ -128,7 +132,8 @@ class JsClient:
             args.append(self.vsn)
         self.proc = await asyncio.create_subprocess_exec(
             "node", *args, cwd=str(JS_DIR), stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "RT_HEARTBEAT_MS": str(self.heartbeat_ms)},
         )
         self._reader = asyncio.create_task(self._read())
         await self.events.wait(lambda e: e.get("type") == "ready", wait_s=10)
