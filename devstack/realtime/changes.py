@@ -97,6 +97,7 @@ class ChangeDispatcher:
                     "Realtime is enabled for the given connect parameters: " + _describe(entry)
                 )
             for s, t in targets:
+                self.db.forget_table(s, t)  # a join always sees the current definition
                 info = await self.db.table(s, t)
                 if info is None:
                     continue

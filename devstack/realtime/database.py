@@ -22,6 +22,9 @@ from loguru import logger
 
 PUBLICATION = "supabase_realtime"
 PUBLICATION_TTL_S = 2.0
+# Table metadata (columns, PK, RLS flag, replica identity) is re-read after this long, so
+# DDL made while the server runs is picked up without a restart.
+TABLE_TTL_S = 5.0
 
 
 @dataclass
@@ -100,7 +103,7 @@ class Database:
         """Cached metadata of a table; None if it does not exist."""
         key = (schema, table)
         info = self._tables.get(key)
-        if info is not None:
+        if info is not None and time.monotonic() - info.loaded_at < TABLE_TTL_S:
             return info
         row = await self.pool.fetchrow(
             """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -275,3 +276,31 @@ async def test_private_channels(
     await ch_a.send_broadcast("secret", {"x": 2})
     assert (await alice2.events.wait(kind("bc")))["payload"]["payload"] == {"x": 2}
     await anon.events.none(kind("bc"), within=0.3)
+
+
+async def test_supabase_client_from_url_and_key(
+    rt_server: RealtimeServer, world: World, pg: asyncpg.Connection
+) -> None:
+    """`supabase.acreate_client(SUPABASE_URL, key).channel(...)` works unchanged."""
+    from supabase import acreate_client
+
+    sb = await acreate_client(rt_server.url, world.service_key)
+    got: list[dict[str, object]] = []
+    ready: list[object] = []
+    ch = sb.channel("sb-client")
+    ch.on_postgres_changes("INSERT", got.append, table="rt_plain")
+    ch.on_system(ready.append)
+    await ch.subscribe()
+    try:
+        for _ in range(100):
+            if ready:
+                break
+            await asyncio.sleep(0.05)
+        await pg.execute("insert into rt_plain values (500, 'via supabase', 0)")
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.05)
+        assert got and got[0]["data"]["record"]["id"] == 500  # type: ignore[index]
+    finally:
+        await sb.remove_all_channels()
