@@ -70,7 +70,7 @@ class RealtimeServer:
         except OSError:
             return False
 
-    def start(self, timeout_s: float = 20.0) -> None:
+    def start(self, timeout_s: float = 30.0) -> None:
         """Start the server and wait until /healthz says the replication stream runs."""
         if self.proc is not None and self.proc.poll() is None:
             return
