@@ -674,3 +674,32 @@ async def test_runs_are_published_with_full_replica_identity(su: asyncpg.Connect
         " and schemaname = 'public' and tablename = 'allocation_planner_runs'")
     assert await su.fetchval("select relreplident from pg_class"
                              " where oid = 'public.allocation_planner_runs'::regclass") == b"f"
+
+
+async def test_load_problem_stays_valid_for_the_solver_after_edits(
+    pg: asyncpg.Connection, su: asyncpg.Connection, engine: asyncpg.Connection, world: World
+):
+    """A tweak to a team without demand, and a smaller request than the current plan."""
+    from solver.problem import Problem
+
+    a = world.a
+    ar, terms = await new_allocation_run(su, a.id, n_terms=3, teams=a.teams[:3])
+    run = await insert_run(su, a.id, ar)
+    c = await claim(engine, run)
+    assert c is not None
+    plan = {"lines": [{"line": i, "rotations": {t: a.teams[(i + k) % 3]
+                                                for k, t in enumerate(terms)}, "pinned": []}
+                      for i in (1, 2, 3)]}
+    await engine.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",
+                         run, c["lease"], a.id, json.dumps(plan))
+    no_demand_team = a.teams[4]
+    await as_user(pg, a.planner, "update rotations set team_id = $1, pinned = true"
+                  " where allocation_run_id = $2 and term_id = $3", no_demand_team, ar, terms[0])
+    run2 = await insert_run(su, a.id, ar, n_job_lines=2)
+    c2 = await claim(engine, run2)
+    assert c2 is not None
+    problem = json.loads(await engine.fetchval(
+        "select planner_engine.load_problem($1, $2)::text", run2, c2["lease"]))
+    assert no_demand_team in {t["id"] for t in problem["teams"]}
+    assert [line["line"] for line in problem["previous_plan"]["lines"]] == [1, 2]
+    Problem.model_validate(problem)

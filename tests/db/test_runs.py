@@ -324,3 +324,13 @@ async def test_request_cancel_needs_planner_of_the_org(
         await c.execute("select public.request_cancel($1)", run)
     assert await su.fetchval("select status from allocation_planner_runs where id = $1",
                              run) == "PENDING"
+
+
+async def test_duplicate_rule_set_codes_are_dropped(
+    pg: asyncpg.Connection, su: asyncpg.Connection, world: World
+):
+    ar = await fresh_ar(su, world)
+    run = await request_run(pg, world.a, allocation_run_id=ar,
+                            constraints=["NO_NIGHTS", "VIC_PGY1", "NO_NIGHTS"])
+    assert await su.fetchval("select constraints from allocation_planner_runs where id = $1",
+                             run) == ["NO_NIGHTS", "VIC_PGY1"]
