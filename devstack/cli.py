@@ -70,3 +70,33 @@ def env() -> None:
     """Print `export NAME=value` lines for the local stack."""
     for name, value in stack.env().items():
         typer.echo(f"export {name}={shlex.quote(value)}")
+
+
+@app.command()
+def seed(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    organizations: int = typer.Option(2, "--organizations", "-n", min=1,
+                                      help="How many organisations to create."),
+) -> None:
+    """Create NEW demo organisations (users, teams, terms, demand) and print their ids."""
+    # Imported here: the solver's generator is only needed by this command.
+    from devstack import seed as seeding
+
+    try:
+        orgs = seeding.seed(organizations=organizations)
+    except (OSError, DevStackError) as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(seeding.as_json(orgs), indent=2))
+        return
+    for org in orgs:
+        typer.echo(f"organisation {org.name}: {org.id}")
+        typer.echo(f"  allocation run {org.allocation_run_name}: {org.allocation_run_id} "
+                   f"({org.n_terms} terms, {org.n_teams} teams, {org.n_demand_rows} demand rows)")
+        typer.echo(f"  planner {org.planner.email}: {org.planner.id}")
+        typer.echo(f"  viewer  {org.viewer.email}: {org.viewer.id}")
+        typer.echo(f"  admin   {org.admin.email}: {org.admin.id}")
+        typer.echo(f"  try: {org.suggested_n_job_lines} lines under "
+                   f"{', '.join(org.suggested_constraints)}")
+    typer.echo("(access tokens for these users: planner dev seed --json)")
