@@ -703,3 +703,8 @@ async def test_load_problem_stays_valid_for_the_solver_after_edits(
     assert no_demand_team in {t["id"] for t in problem["teams"]}
     assert [line["line"] for line in problem["previous_plan"]["lines"]] == [1, 2]
     Problem.model_validate(problem)
+
+
+async def test_engine_role_has_explicit_usage_on_public(su: asyncpg.Connection):
+    acl = await su.fetchval("select nspacl::text from pg_namespace where nspname = 'public'")
+    assert "planner_engine=U" in acl
