@@ -1,0 +1,101 @@
+"""Entry point of the solver child process (`python -m solver.child`); see `solver.process`.
+
+Kept out of `solver/__init__` on purpose: running it with `-m` must not find it imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import threading
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+_M_ARENA_MAX = -8
+
+
+def vm_size_mb() -> float:
+    """Current address-space size (what RLIMIT_AS limits)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # Each thread arena reserves 64 MiB of address space, which RLIMIT_AS counts.
+        libc.mallopt(_M_ARENA_MAX, 2)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> None:
+    # First thing: a stop that arrives while we are still importing must not kill us.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    request = json.loads(sys.stdin.readline())
+    parent_pid = int(request["parent_pid"])
+    _die_with_parent(parent_pid)
+    # The protocol owns the real stdout; anything else printed goes to stderr (a log file).
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    send_lock = threading.Lock()
+
+    def send(kind: str, payload: Any) -> None:
+        with send_lock, contextlib.suppress(OSError, ValueError):
+            out.write(json.dumps([kind, payload]) + "\n")
+            out.flush()
+
+    memory_limit_mb = int(request["memory_limit_mb"])
+    # Import the heavy parts before capping memory, so the cap measures the solve itself.
+    from loguru import logger
+
+    from solver.problem import Problem
+    from solver.solve import solve
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", diagnose=False)
+    problem = Problem.model_validate(request["problem"])
+    baseline = vm_size_mb()
+    if baseline >= memory_limit_mb:
+        send("oom", f"memory limit {memory_limit_mb} MiB is below the solver's baseline "
+                    f"footprint ({baseline:.0f} MiB of address space)")
+        return
+    limit = memory_limit_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    def run() -> None:
+        try:
+            plan = solve(problem, on_progress=lambda p: send("progress", p.model_dump()),
+                         stop=stop, num_workers=request.get("num_workers"))
+            plan.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            send("plan", plan.model_dump())
+        except MemoryError:
+            send("oom", f"solver ran out of memory (limit {memory_limit_mb} MiB)")
+        except BaseException as exc:  # reported to the parent, then the child exits
+            send("error", f"{type(exc).__name__}: {exc}")
+
+    worker = threading.Thread(target=run, name="solve", daemon=True)
+    worker.start()
+    # The main thread waits interruptibly, so the SIGTERM handler runs at once, and watches
+    # for the parent going away.
+    while worker.is_alive():
+        worker.join(0.2)
+        if os.getppid() != parent_pid:
+            stop.set()
+            os._exit(1)
+    out.close()
+
+
+if __name__ == "__main__":
+    main()
