@@ -70,11 +70,23 @@ async def _user(conn: asyncpg.Connection, email: str, name: str) -> str:
 
 
 async def seed_organization(
-    conn: asyncpg.Connection, settings: DevSettings, name: str, *, instance_seed: int
+    conn: asyncpg.Connection,
+    settings: DevSettings,
+    name: str,
+    *,
+    instance_seed: int,
+    lines: int = DEMO_LINES,
+    terms: int = DEMO_TERMS,
+    teams: int = DEMO_TEAMS,
+    rule_sets: list[str] | None = None,
 ) -> SeededOrganization:
-    """One organisation: users (admin, planner, viewer), teams, one allocation run with demand."""
-    problem = generate(lines=DEMO_LINES, terms=DEMO_TERMS, teams=DEMO_TEAMS,
-                       rule_sets=DEMO_RULE_SETS, seed=instance_seed)
+    """One organisation: users (admin, planner, viewer), teams, one allocation run with demand.
+
+    The sizes default to the demo request; tests seed smaller organisations the same way.
+    """
+    rule_sets = list(DEMO_RULE_SETS if rule_sets is None else rule_sets)
+    problem = generate(lines=lines, terms=terms, teams=teams, rule_sets=rule_sets,
+                       seed=instance_seed)
     tag = uuid.uuid4().hex[:6]
     org_name = f"{name} ({tag})"
     slug = name.lower().replace(" ", "-")
@@ -97,8 +109,8 @@ async def seed_organization(
             "insert into allocation_runs (organization_id, name, description)"
             " values ($1, $2, $3) returning id",
             org_id, run_name,
-            f"{DEMO_TERMS} terms, {len(problem.teams)} teams; demo request: "
-            f"{DEMO_LINES} lines under {', '.join(DEMO_RULE_SETS)}",
+            f"{terms} terms, {len(problem.teams)} teams; suggested request: "
+            f"{lines} lines under {', '.join(rule_sets) or 'no rule set'}",
         ))
         term_ids: dict[str, str] = {}
         starts = YEAR_START
@@ -125,7 +137,7 @@ async def seed_organization(
     return SeededOrganization(
         id=org_id, name=org_name, allocation_run_id=ar_id, allocation_run_name=run_name,
         n_terms=len(term_ids), n_teams=len(team_ids), n_demand_rows=len(problem.demand),
-        suggested_n_job_lines=DEMO_LINES, suggested_constraints=list(DEMO_RULE_SETS),
+        suggested_n_job_lines=lines, suggested_constraints=rule_sets,
         planner=users["planner"], viewer=users["viewer"], admin=users["admin"],
     )
 

@@ -1,0 +1,302 @@
+"""The product end to end: manager inserts a run -> Realtime -> listener -> solver -> database.
+
+Everything is real: PostgreSQL with the migrations, the local Realtime server, `planner listen`
+subprocesses, the CP-SAT child process, and realtime-js for the UI's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+
+import asyncpg
+import pytest
+
+from devstack import keys
+from devstack.seed import SeededOrganization
+from devstack.settings import DevSettings
+from solver import validate_plan
+from tests.listener.conftest import ListenerFactory
+from tests.realtime.helpers import JsClient
+from tests.support.harness import (
+    TERMINAL,
+    insert_run,
+    run_row,
+    stored_problem_and_plan,
+    wait_all,
+    wait_for_status,
+)
+from tests.support.realtime import RealtimeServer
+
+pytestmark = pytest.mark.timeout(180)
+
+QUICK = {"time_limit_seconds": 1, "deterministic": True}
+
+
+async def start_run(
+    db: asyncpg.Connection, org: SeededOrganization, options: dict[str, object] | None = None,
+    **over: object,
+) -> str:
+    return await insert_run(
+        db, user_id=org.planner.id, organization_id=org.id,
+        allocation_run_id=org.allocation_run_id,
+        n_job_lines=int(over.get("n_job_lines", org.suggested_n_job_lines)),  # type: ignore[call-overload]
+        constraints=list(over.get("constraints", org.suggested_constraints)),  # type: ignore[call-overload]
+        options=QUICK if options is None else options,
+    )
+
+
+async def assert_valid_plan(db: asyncpg.Connection, run_id: str) -> None:
+    problem, plan = await stored_problem_and_plan(db, run_id)
+    assert len(plan.lines) == problem.n_job_lines
+    assert validate_plan(problem, plan) == []
+
+
+async def logs_of(db: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "select level, message, traceback from planner_execution_logs"
+        " where planner_run_id = $1 order by logged_at, id", run_id,
+    )
+
+
+async def test_insert_to_valid_plan_with_progress_for_members_only(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+    rt_server: RealtimeServer, dev_settings: DevSettings,
+):
+    a, b = orgs[0], orgs[1]
+    # The run exists before any listener does, so both UI clients can join its channel first.
+    run_id = await start_run(db, a, {"time_limit_seconds": 2, "deterministic": True})
+    anon = keys.api_key("anon", dev_settings.jwt_secret)
+    member, outsider = JsClient(rt_server.url, anon), JsClient(rt_server.url, anon)
+    await member.start()
+    await outsider.start()
+    try:
+        await member.cmd(cmd="setAuth", token=a.planner.access_token)
+        await outsider.cmd(cmd="setAuth", token=b.planner.access_token)
+        spec = {"config": {"private": True}, "broadcast": ["status", "progress", "done"],
+                "pg": [{"event": "*", "schema": "public", "table": "allocation_planner_runs"}]}
+        assert await member.channel(f"planner_run:{run_id}", **spec) == "SUBSCRIBED"
+        assert await outsider.channel(f"planner_run:{run_id}", **spec) == "CHANNEL_ERROR"
+        # The outsider may still watch the runs table: RLS must hide organisation A's rows.
+        assert await outsider.channel(
+            "runs-b", pg=[{"event": "*", "schema": "public",
+                           "table": "allocation_planner_runs"}]) == "SUBSCRIBED"
+
+        listener = listeners("L1")
+        row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
+        assert row["status"] == "COMPLETED", row
+        await assert_valid_plan(db, run_id)
+        done = await member.events.wait(
+            lambda e: e.get("type") == "broadcast" and e["payload"]["event"] == "done", wait_s=10)
+        assert done["payload"]["payload"]["status"] == "COMPLETED"
+        kinds = [e["payload"]["event"] for e in member.events.items if e.get("type") == "broadcast"]
+        assert "progress" in kinds and "status" in kinds
+        phases = [e["payload"]["payload"]["phase"] for e in member.events.items
+                  if e.get("type") == "broadcast" and e["payload"]["event"] == "status"]
+        assert phases[-1] == "done" and "solving" in phases
+        progress = [e["payload"]["payload"] for e in member.events.items
+                    if e.get("type") == "broadcast" and e["payload"]["event"] == "progress"]
+        assert set(progress[-1]) >= {"run_id", "solutions", "objective", "best_bound", "gap",
+                                     "elapsed_ms", "time_limit_ms"}
+        # The member also saw its row change; the outsider saw nothing of organisation A.
+        await member.events.wait(lambda e: e.get("type") == "postgres_changes", wait_s=5)
+        await asyncio.sleep(0.5)
+        leaked = [e for e in outsider.events.items
+                  if e.get("type") in ("broadcast", "postgres_changes")]
+        assert leaked == []
+        # Run logs landed in the database, bound to the run and its organisation.
+        logs = await logs_of(db, run_id)
+        assert any("plan written" in r["message"] for r in logs)
+        status, ready = listener.readiness()
+        assert status == 200 and ready["realtime"] is True and ready["database"] is True
+    finally:
+        await member.close()
+        await outsider.close()
+
+
+async def test_ten_organisations_at_once_are_solved_one_at_a_time(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+):
+    listener = listeners("L1")
+    await listener.wait_ready()
+    runs = await asyncio.gather(*[start_run(db, org) for org in orgs[:10]])
+    rows = await wait_all(db, list(runs), timeout_s=120)
+    assert [r["status"] for r in rows] == ["COMPLETED"] * 10
+    spans = sorted((r["claimed_at"], r["finished_at"]) for r in rows)
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, "two solves overlapped inside one listener"
+    # Oldest first: claims follow insertion order.
+    by_created = [r["id"] for r in sorted(rows, key=lambda r: (r["created_at"], r["id"]))]
+    by_claimed = [r["id"] for r in sorted(rows, key=lambda r: r["claimed_at"])]
+    assert by_created == by_claimed
+    for run_id in runs:
+        await assert_valid_plan(db, run_id)
+
+
+async def test_realtime_outage_runs_complete_through_catch_up(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+    rt_server: RealtimeServer,
+):
+    listener = listeners("L1")
+    await listener.wait_ready()
+    rt_server.stop()
+    try:
+        runs = [await start_run(db, org) for org in orgs[:3]]
+        rows = await wait_all(db, runs, timeout_s=60)
+        assert [r["status"] for r in rows] == ["COMPLETED"] * 3
+        status, ready = listener.readiness()
+        assert status == 503 and ready["realtime"] is False and ready["database"] is True
+    finally:
+        rt_server.start()
+    await listener.wait_ready(timeout_s=60)
+    run = await start_run(db, orgs[3])
+    assert (await wait_for_status(db, run, TERMINAL, 30))["status"] == "COMPLETED"
+
+
+async def test_cancel_stops_the_solve_and_keeps_the_old_plan(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+):
+    big = orgs[-1]
+    listener = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60)
+    await listener.wait_ready()
+    before = await db.fetchval(
+        "select count(*) from job_lines where allocation_run_id = $1", big.allocation_run_id)
+    run_id = await start_run(db, big, {"time_limit_seconds": 60})
+    await wait_for_status(db, run_id, {"GENERATING"}, 30)
+    await asyncio.sleep(1.5)
+    from tests.support.roles import acting_as
+
+    async with acting_as(db, "authenticated", sub=big.planner.id) as c:
+        await c.execute("select public.request_cancel($1)", run_id)
+    row = await wait_for_status(db, run_id, TERMINAL, timeout_s=20)
+    assert row["status"] == "CANCELLED"
+    after = await db.fetchval(
+        "select count(*) from job_lines where allocation_run_id = $1", big.allocation_run_id)
+    assert after == before
+
+
+async def test_sigterm_mid_solve_requeues_and_a_second_listener_completes(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+):
+    big = orgs[-1]
+    first = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60, PLANNER_SHUTDOWN_GRACE_S=1)
+    await first.wait_ready()
+    run_id = await start_run(db, big, {"time_limit_seconds": 60})
+    row = await wait_for_status(db, run_id, {"GENERATING"}, 30)
+    assert row["worker_id"] == "L1"
+    await asyncio.sleep(1.0)
+    first.terminate()
+    assert await first.wait(timeout_s=30) == 0, first.log()
+    row = await run_row(db, run_id)
+    assert row["status"] == "PENDING" and row["worker_id"] is None, row
+    # A second listener (capping solves at 3 s) takes it over and completes it.
+    second = listeners("L2", PLANNER_SOLVER_TIME_LIMIT_S=3)
+    row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
+    assert row["status"] == "COMPLETED" and row["worker_id"] == "L2"
+    await assert_valid_plan(db, run_id)
+    assert any("re-queued" in r.get("message", "") for r in first.records())
+    second.stop_now()
+
+
+@pytest.mark.parametrize("max_attempts", [3, 1])
+async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+    max_attempts: int,
+):
+    big = orgs[-1]
+    first = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60)
+    await first.wait_ready()
+    run_id = await start_run(db, big, {"time_limit_seconds": 60})
+    await db.execute("update allocation_planner_runs set max_attempts = $2 where id = $1",
+                     run_id, max_attempts)
+    await wait_for_status(db, run_id, {"GENERATING"}, 30)
+    await asyncio.sleep(1.0)
+    solver_children = _children(first.proc.pid if first.proc else 0)
+    first.kill()
+    await first.wait()
+    await asyncio.sleep(1.5)
+    for pid in solver_children:
+        assert not _alive(pid), "the solver child outlived its killed listener"
+    assert (await run_row(db, run_id))["status"] == "GENERATING"
+    swept = await db.fetchval("select planner_engine.sweep_stale_runs('1 second')")
+    assert swept >= 1
+    row = await run_row(db, run_id)
+    logs = await logs_of(db, run_id)
+    assert any("Timeout" in r["message"] for r in logs)
+    if max_attempts == 1:
+        assert row["status"] == "FAILED", row
+        return
+    assert row["status"] == "PENDING"
+    listeners("L2", PLANNER_SOLVER_TIME_LIMIT_S=3)
+    row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
+    assert row["status"] == "COMPLETED" and row["attempts"] == 2
+    await assert_valid_plan(db, run_id)
+
+
+async def test_two_listeners_twenty_runs_each_solved_exactly_once(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+):
+    one, two = listeners("L1"), listeners("L2")
+    await one.wait_ready()
+    await two.wait_ready()
+    runs: list[str] = []
+    for _wave in range(2):  # one active run per allocation run: two waves of ten
+        batch = await asyncio.gather(*[start_run(db, org) for org in orgs[:10]])
+        runs += batch
+        await wait_all(db, list(batch), timeout_s=120)
+    rows = [await run_row(db, r) for r in runs]
+    assert all(r["status"] == "COMPLETED" and r["attempts"] == 1 for r in rows)
+    assert {r["worker_id"] for r in rows} == {"L1", "L2"}, "both listeners took work"
+    claims = [rec.get("planner_run_id") for proc in (one, two) for rec in proc.records()
+              if rec.get("message", "").startswith("run claimed")]
+    assert sorted(claims) == sorted(runs), "every run claimed exactly once"
+
+
+async def test_infeasible_and_invalid_runs_end_with_readable_logs(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+):
+    listener = listeners("L1")
+    await listener.wait_ready()
+    org_x, org_y = orgs[10], orgs[11]
+    # More lines than the demand can ever hold, with the minimum made hard: infeasible.
+    await db.execute(
+        "update team_demand set min_lines = max_lines where allocation_run_id = $1",
+        org_x.allocation_run_id,
+    )
+    infeasible = await start_run(db, org_x, {"time_limit_seconds": 5, "strict_minimum": True},
+                                 n_job_lines=2)
+    invalid = await start_run(db, org_y, {"time_limit_seconds": 1, "bogus_option": True})
+    rows = {r["id"].__str__(): r for r in await wait_all(db, [infeasible, invalid], 60)}
+    bad = rows[infeasible]
+    assert bad["status"] == "INFEASIBLE", bad
+    meta = json.loads(bad["result_metadata"]) if isinstance(bad["result_metadata"], str) \
+        else bad["result_metadata"]
+    assert meta["explanation"], "a manager-readable explanation is stored"
+    inv = rows[invalid]
+    assert inv["status"] == "FAILED" and "invalid input" in inv["error"]
+    assert "bogus_option" in inv["error"]
+    assert any("bogus_option" in r["message"] for r in await logs_of(db, invalid))
+    assert any("infeasible" in r["message"] for r in await logs_of(db, infeasible))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+

@@ -1,0 +1,111 @@
+"""The listener's pure parts: queue order, the DB-to-solver bridge, pins carried to the plan."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from listener.queries import queries
+from listener.queue import RunQueue
+from listener.settings import ListenerSettings
+from listener.worker import adapt_problem, plan_lines, summarise_validation
+from solver import Plan, Problem
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def test_queue_is_oldest_first_and_deduplicated():
+    q = RunQueue()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    assert q.put(b, T0 + timedelta(seconds=2))
+    assert q.put(a, T0)
+    assert q.put(c, T0 + timedelta(seconds=5))
+    assert not q.put(a, T0), "a run waits at most once"
+    assert q.positions() == {a: 1, b: 2, c: 3}
+    assert [await q.get(), await q.get()] == [a, b]
+    q.discard(c)
+    assert len(q) == 0 and q.positions() == {}
+
+
+def test_every_named_query_is_present():
+    names = set(queries())
+    assert {"claim_run", "heartbeat", "load_problem", "commit_plan", "finish_run",
+            "write_logs", "pending_runs", "ping"} <= names
+
+
+def _raw_problem(**over: object) -> dict[str, object]:
+    raw: dict[str, object] = {
+        "terms": [{"id": "t1", "name": "Term 1", "weeks": 10},
+                  {"id": "t2", "name": "Term 2", "weeks": 10}],
+        "teams": [
+            {"id": "a", "name": "Gen Med", "specialty": "medicine", "subspecialty": "",
+             "kind": "clinical", "experiences": ["A"], "site": "", "rural": False, "tags": []},
+            {"id": "b", "name": "Surgery", "specialty": "surgery", "subspecialty": "general",
+             "kind": "clinical", "experiences": ["B"], "site": "MMC", "rural": False, "tags": []},
+        ],
+        "demand": [{"team": "a", "term": "t1", "min": 1, "max": 2},
+                   {"team": "b", "term": "t1", "min": 0, "max": 2},
+                   {"team": "a", "term": "t2", "min": 0, "max": 2},
+                   {"team": "b", "term": "t2", "min": 1, "max": 2}],
+        "n_job_lines": 2,
+        "rule_sets": [],
+        "previous_plan": {"lines": [
+            {"line": 1, "rotations": {"t1": "a", "t2": "b"}, "pinned": ["t1"]},
+            {"line": 3, "rotations": {"t1": "b", "t2": "a"}, "pinned": []},
+        ]},
+        "options": None,
+    }
+    raw.update(over)
+    return raw
+
+
+def test_adapt_problem_bridges_database_rows_to_the_strict_model():
+    problem = Problem.model_validate(adapt_problem(_raw_problem()))
+    gen_med = problem.team("a")
+    assert gen_med.subspecialty == "medicine" and gen_med.site is None
+    assert problem.previous_plan is not None
+    # Line 3 is beyond the 2 lines asked for: dropped, not an error.
+    assert [ln.line for ln in problem.previous_plan.lines] == [1]
+    assert problem.options.keep_pinned, "no options means the documented defaults"
+    with pytest.raises(ValidationError, match="bogus"):
+        Problem.model_validate(adapt_problem(_raw_problem(options={"bogus": 1})))
+
+
+def test_plan_lines_carry_the_pins_that_were_kept():
+    problem = Problem.model_validate(adapt_problem(_raw_problem()))
+    plan = Plan(status="OPTIMAL", lines=[
+        {"line": 1, "rotations": {"t1": "a", "t2": "b"}},
+        {"line": 2, "rotations": {"t1": "b", "t2": "a"}},
+    ])
+    assert plan_lines(problem, plan) == [
+        {"line": 1, "rotations": {"t1": "a", "t2": "b"}, "pinned": ["t1"]},
+        {"line": 2, "rotations": {"t1": "b", "t2": "a"}, "pinned": []},
+    ]
+
+
+def test_validation_summary_is_one_readable_line():
+    bad = _raw_problem(rule_sets=["NOPE"], n_job_lines=0)
+    with pytest.raises(ValidationError) as info:
+        Problem.model_validate(adapt_problem(bad))
+    line = summarise_validation(info.value)
+    assert "\n" not in line and "n_job_lines" in line
+    assert "https://" not in line
+
+
+def test_settings_refuse_bad_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PLANNER_DATABASE_URL", "mysql://nope")
+    monkeypatch.setenv("SUPABASE_URL", "ftp://x")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "k")
+    with pytest.raises(ValidationError) as info:
+        ListenerSettings()  # type: ignore[call-arg]
+    fields = {str(e["loc"][0]) for e in info.value.errors()}
+    assert fields == {"PLANNER_DATABASE_URL", "SUPABASE_URL"}
+    monkeypatch.setenv("PLANNER_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:1/")
+    monkeypatch.setenv("PLANNER_HEARTBEAT_INTERVAL_S", "2")
+    s = ListenerSettings()  # type: ignore[call-arg]
+    assert s.supabase_url == "http://127.0.0.1:1" and s.heartbeat_interval_s == 2
+    assert "p@h" not in repr(s), "secrets never appear in reprs or logs"
