@@ -54,11 +54,20 @@ async def assert_valid_plan(db: asyncpg.Connection, run_id: str) -> None:
     assert validate_plan(problem, plan) == []
 
 
-async def logs_of(db: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
-    return await db.fetch(
-        "select level, message, traceback from planner_execution_logs"
-        " where planner_run_id = $1 order by logged_at, id", run_id,
-    )
+async def logs_of(
+    db: asyncpg.Connection, run_id: str, containing: str | None = None, wait_s: float = 5.0
+) -> list[asyncpg.Record]:
+    """The run's log rows; with `containing`, wait (the sink flushes in batches) for one."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        rows = await db.fetch(
+            "select level, message, traceback from planner_execution_logs"
+            " where planner_run_id = $1 order by logged_at, id", run_id,
+        )
+        found = containing is None or any(containing in r["message"] for r in rows)
+        if found or asyncio.get_running_loop().time() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
 
 
 async def test_insert_to_valid_plan_with_progress_for_members_only(
@@ -107,7 +116,7 @@ async def test_insert_to_valid_plan_with_progress_for_members_only(
                   if e.get("type") in ("broadcast", "postgres_changes")]
         assert leaked == []
         # Run logs landed in the database, bound to the run and its organisation.
-        logs = await logs_of(db, run_id)
+        logs = await logs_of(db, run_id, "plan written")
         assert any("plan written" in r["message"] for r in logs)
         status, ready = listener.readiness()
         assert status == 200 and ready["realtime"] is True and ready["database"] is True
@@ -121,8 +130,8 @@ async def test_ten_organisations_at_once_are_solved_one_at_a_time(
 ):
     listener = listeners("L1")
     await listener.wait_ready()
-    runs = await asyncio.gather(*[start_run(db, org) for org in orgs[:10]])
-    rows = await wait_all(db, list(runs), timeout_s=120)
+    runs = [await start_run(db, org) for org in orgs[:10]]  # ten inserts within ~50 ms
+    rows = await wait_all(db, runs, timeout_s=120)
     assert [r["status"] for r in rows] == ["COMPLETED"] * 10
     spans = sorted((r["claimed_at"], r["finished_at"]) for r in rows)
     for (_, end), (start, _) in itertools.pairwise(spans):
@@ -223,7 +232,7 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
     swept = await db.fetchval("select planner_engine.sweep_stale_runs('1 second')")
     assert swept >= 1
     row = await run_row(db, run_id)
-    logs = await logs_of(db, run_id)
+    logs = await logs_of(db, run_id, "Timeout")
     assert any("Timeout" in r["message"] for r in logs)
     if max_attempts == 1:
         assert row["status"] == "FAILED", row
@@ -243,9 +252,9 @@ async def test_two_listeners_twenty_runs_each_solved_exactly_once(
     await two.wait_ready()
     runs: list[str] = []
     for _wave in range(2):  # one active run per allocation run: two waves of ten
-        batch = await asyncio.gather(*[start_run(db, org) for org in orgs[:10]])
+        batch = [await start_run(db, org) for org in orgs[:10]]
         runs += batch
-        await wait_all(db, list(batch), timeout_s=120)
+        await wait_all(db, batch, timeout_s=120)
     rows = [await run_row(db, r) for r in runs]
     assert all(r["status"] == "COMPLETED" and r["attempts"] == 1 for r in rows)
     assert {r["worker_id"] for r in rows} == {"L1", "L2"}, "both listeners took work"
@@ -277,8 +286,10 @@ async def test_infeasible_and_invalid_runs_end_with_readable_logs(
     inv = rows[invalid]
     assert inv["status"] == "FAILED" and "invalid input" in inv["error"]
     assert "bogus_option" in inv["error"]
-    assert any("bogus_option" in r["message"] for r in await logs_of(db, invalid))
-    assert any("infeasible" in r["message"] for r in await logs_of(db, infeasible))
+    assert any("bogus_option" in r["message"]
+               for r in await logs_of(db, invalid, "bogus_option"))
+    assert any("infeasible" in r["message"]
+               for r in await logs_of(db, infeasible, "infeasible"))
 
 
 def _children(pid: int) -> list[int]:
