@@ -86,17 +86,17 @@ def describe(problem: Problem, key: GuardKey) -> str:
         term = problem.term(key[1])
         places = sum(d.max for d in problem.demand if d.term == term.id)
         if places < n:
-            return (f"Term {term.label}: {n} lines each need a team, but the teams' maxima add "
+            return (f"{term.label}: {n} lines each need a team, but the teams' maxima add "
                     f"up to only {places} place(s).")
-        return (f"Term {term.label}: each team takes at most its maximum number of lines "
+        return (f"{term.label}: each team takes at most its maximum number of lines "
                 f"({places} places in total for {n} lines).")
     if kind == "minimum":
         team, term = problem.team(key[1]), problem.term(key[2])
         d = problem.demand_map()[team.id, term.id]
-        return f"Term {term.label}: {team.label} must get at least {d.min} lines (strict minimum)."
+        return f"{term.label}: {team.label} must get at least {d.min} lines (strict minimum)."
     if kind == "pins":
         term = problem.term(key[1])
-        return f"Term {term.label}: the pinned rotations of the previous plan must be kept."
+        return f"{term.label}: the pinned rotations of the previous plan must be kept."
     if kind == "no_repeat":
         return "A line may not take the same team twice."
     if kind == "subspecialty":

@@ -45,6 +45,8 @@ class LineModel:
     rowcount: dict[tuple[int, int], cp_model.IntVar] = field(default_factory=dict)
     #: name -> spread variable (max - min count per line) of a fairness category
     spreads: dict[str, cp_model.IntVar] = field(default_factory=dict)
+    #: name -> max(0, spread - 1), the part of the spread the objective penalises
+    excess: dict[str, cp_model.IntVar] = field(default_factory=dict)
     #: linear expression counting cells that differ from the previous plan (beyond pins)
     changed: cp_model.LinearExprT = 0
     #: upper bound of `changed` (number of previous cells that may change)
@@ -449,7 +451,11 @@ FAIRNESS_CATEGORIES: dict[str, object] = {
 
 
 def add_fairness(m: LineModel) -> None:
-    """Spread (max - min over lines) of the number of service, nights and rural terms."""
+    """Spread (max - min over lines) of the number of service, nights and rural terms.
+
+    The objective counts the spread beyond 1 per category (`excess`): lines that differ by at
+    most one such term are as fair as the totals allow.
+    """
     if not m.problem.options.fairness or m.n_lines < 2:
         return
     n_terms = len(m.problem.terms)
@@ -477,6 +483,11 @@ def add_fairness(m: LineModel) -> None:
         spread = m.model.new_int_var(0, n_terms, f"{name}_spread")
         m.model.add(spread == hi - lo)
         m.spreads[name] = spread
+        # Only spread beyond 1 is unfair: whether 0 is reachable is mostly a matter of the
+        # total dividing by the number of lines, and proving it is not costs a full search.
+        excess = m.model.new_int_var(0, n_terms, f"{name}_excess")
+        m.model.add(excess >= spread - 1)
+        m.excess[name] = excess
 
 
 def unfilled_expr(m: LineModel) -> cp_model.LinearExprT:
@@ -490,8 +501,8 @@ def set_objective(m: LineModel) -> None:
     unfilled positions  >  changed cells     >  fairness spreads (stability "strict")
     """
     unfilled = unfilled_expr(m)
-    fairness = sum(m.spreads.values())
-    fair_max = len(m.spreads) * len(m.problem.terms)
+    fairness = sum(m.excess.values())
+    fair_max = len(m.excess) * len(m.problem.terms)
     change_max = m.changed_max
     if m.problem.options.stability == "strict":
         w_fair = 1

@@ -38,7 +38,7 @@ class Term(_Strict):
     @property
     def label(self) -> str:
         """Human-readable name used in explanations (the listener passes UUIDs as ids)."""
-        return self.name or self.id
+        return self.name or f"Term {self.id}"
 
 
 class Team(_Strict):
@@ -103,7 +103,8 @@ class Options(_Strict):
     #: strict: fewest changes before fairness (right after unfilled positions).
     stability: Literal["off", "prefer", "strict"] = "prefer"
     strict_minimum: bool = False
-    #: one worker, fixed seed: the same problem always gives the same plan (tests).
+    #: one worker, fixed seed: the same problem always gives the same plan, whatever the
+    #: machine load (tests, audits).
     deterministic: bool = False
     #: how line interchangeability is exploited; "lex" was measured fastest (docs/solver.md).
     symmetry: Literal["lex", "first_term", "none"] = "lex"

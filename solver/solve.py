@@ -30,6 +30,9 @@ from solver.validate import changed_cells_of, unfilled_of
 
 ProgressFn = Callable[[Progress], None]
 
+#: Randomised constructions tried (within a time budget) for the hint.
+GREEDY_ATTEMPTS = 40
+
 #: Minimum time between two progress messages (first and last are always sent).
 PROGRESS_INTERVAL_S = 0.25
 
@@ -47,6 +50,9 @@ def parameters(problem: Problem, num_workers: int | None) -> cp_model.SatParamet
     params.random_seed = opts.seed
     if opts.deterministic:
         # One worker and a fixed seed: same problem, same plan, whatever the machine load.
+        # (interleave_search would keep the portfolio deterministic, but OR-Tools 9.15 aborts
+        # with "Check failed: heuristics.fixed_search != nullptr" when it gets a hint for an
+        # infeasible model, so we do not use it.)
         params.num_workers = 1
     else:
         params.num_workers = num_workers or default_workers()
@@ -98,6 +104,12 @@ class _Progress(cp_model.CpSolverSolutionCallback):
                 self.bound = 0.0
             if self.first_solution_s is None:
                 self.first_solution_s = time.monotonic() - self._start
+        self.emit(force=True)
+
+    def final(self, objective: float, bound: float) -> None:
+        """The last message always describes the plan actually returned."""
+        with self._lock:
+            self.objective, self.bound = objective, bound
         self.emit(force=True)
 
     def _raise_bound(self, bound: float) -> None:
@@ -182,7 +194,7 @@ def _greedy_hint(
     started = time.monotonic()
     best: tuple[list[list[int]], int] | None = None
     seed = problem.options.seed
-    for attempt in range(8):
+    for attempt in range(GREEDY_ATTEMPTS):
         rows = construct(problem, seed=seed * 1000 + attempt)
         if rows is not None:
             u = heuristic_unfilled(problem, rows)
@@ -320,8 +332,8 @@ def solve(
         return Plan(status=status, solve_seconds=elapsed, solutions=callback.solutions)
     tiers = evaluate(problem, lm, rows)
     objective = float(sum(lm.weights[k] * v for k, v in _tier_totals(tiers).items()))
-    callback.emit(force=True)
     bound = objective if status == "OPTIMAL" else min(objective, callback.bound or 0.0)
+    callback.final(objective, bound)
     lines = [
         PlanLine(line=ln + 1, rotations={problem.terms[t].id: problem.teams[k].id
                                          for t, k in enumerate(row)})
@@ -350,7 +362,7 @@ def solve(
 def _tier_totals(tiers: dict[str, int]) -> dict[str, int]:
     return {
         "unfilled": tiers["unfilled_positions"],
-        "fairness": sum(v for k, v in tiers.items() if k.startswith("fairness_")),
+        "fairness": sum(max(0, v - 1) for k, v in tiers.items() if k.startswith("fairness_")),
         "changed_cells": tiers["changed_cells_beyond_pins"],
     }
 
