@@ -1,4 +1,4 @@
-"""Small hand-made problems for the solver tests (fast enough for deterministic one-worker solves)."""
+"""Small hand-made problems for the solver tests (fast deterministic one-worker solves)."""
 
 from __future__ import annotations
 
