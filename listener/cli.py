@@ -11,6 +11,7 @@ from loguru import logger
 
 from devstack.cli import app as dev_app
 from listener import migrate as migrations
+from listener.ops import history_app, runs_app
 from solver.cli import register as register_solver
 
 app = typer.Typer(
@@ -19,6 +20,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.add_typer(dev_app, name="dev")
+app.add_typer(runs_app, name="runs")
+app.add_typer(history_app, name="history")
 register_solver(app)
 
 
@@ -74,6 +77,17 @@ def listen() -> None:
         raise typer.Exit(2) from None
     configure_stdout(settings.log_level, settings.log_format)
     raise typer.Exit(asyncio.run(Listener(settings).run()))
+
+
+@app.command()
+def demo(
+    time_limit: float = typer.Option(15.0, "--time-limit", min=1, help="Solver time limit (s)."),
+) -> None:
+    """The product on the local stack, as a manager sees it (what `make demo` runs)."""
+    from devstack import stack
+    from devstack.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(stack.up(), time_limit)))
 
 
 def main() -> None:  # pragma: no cover - console-script shim
