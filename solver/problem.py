@@ -106,8 +106,12 @@ class Options(_Strict):
     #: one worker, fixed seed: the same problem always gives the same plan, whatever the
     #: machine load (tests, audits).
     deterministic: bool = False
-    #: how line interchangeability is exploited; "lex" was measured fastest (docs/solver.md).
-    symmetry: Literal["lex", "first_term", "none"] = "lex"
+    #: how line interchangeability is broken; "first_term" measured fastest (docs/solver.md).
+    symmetry: Literal["lex", "first_term", "none"] = "first_term"
+    #: greedy construction: "full" = complete hint, and a plan scoring 0 is returned as
+    #: optimal without search; "hint_only" = always search (benchmarks of the model itself);
+    #: "off" = no construction.
+    construction: Literal["full", "hint_only", "off"] = "full"
     #: weight the fairness tier (spread of service, nights and rural terms across lines).
     fairness: bool = True
 

@@ -274,15 +274,24 @@ def solve(
     logger.debug("model built in {:.2f}s", time.monotonic() - started)
 
     unfilled = unfilled_expr(lm)
-    greedy = _greedy_hint(problem, lm, budget_s=min(1.0, limit / 10))
+    greedy_objective = -1.0
+    greedy = None
+    if problem.options.construction != "off":
+        greedy = _greedy_hint(problem, lm, budget_s=min(1.0, limit / 10))
     if greedy is not None:
         _hint_rows(lm, greedy[0])
         logger.debug("greedy hint: {} unfilled", greedy[1])
         tiers = _tier_totals(evaluate(problem, lm, greedy[0]))
-        callback.external_solution(float(sum(lm.weights[k] * v for k, v in tiers.items())))
+        greedy_objective = float(sum(lm.weights[k] * v for k, v in tiers.items()))
+        callback.external_solution(greedy_objective)
     status: Status
     solver: cp_model.CpSolver | None = None
-    if greedy is not None and greedy[1] == 0:
+    shortcut = problem.options.construction == "full"
+    if greedy is not None and greedy_objective == 0 and shortcut:
+        # Every tier is a non-negative count, so a constructed plan scoring 0 is optimal by
+        # definition: no search can improve it.
+        status = "OPTIMAL"
+    elif greedy is not None and greedy[1] == 0:
         # The construction already fills every minimum: tier 1 is proven 0, skip phase 1.
         status, best_unfilled = "OPTIMAL", 0
     else:
@@ -291,7 +300,7 @@ def solve(
         callback.bound_scale = lm.weights["unfilled"]
         status, solver = _search(lm, params, limit - (time.monotonic() - started), callback, stop)
         best_unfilled = round(solver.objective_value) if status in ("OPTIMAL", "FEASIBLE") else 0
-    if status in ("OPTIMAL", "FEASIBLE"):
+    if status in ("OPTIMAL", "FEASIBLE") and not (greedy and greedy_objective == 0 and shortcut):
         remaining = limit - (time.monotonic() - started)
         if remaining > 0.05 and not (stop is not None and stop.is_set()):
             if solver is not None:
@@ -323,6 +332,8 @@ def solve(
         )
     if solver is not None and status in ("OPTIMAL", "FEASIBLE"):
         rows = _rows_from(lm, solver)
+    elif greedy is not None and status == "OPTIMAL" and greedy_objective == 0 and shortcut:
+        rows = greedy[0]  # proven optimal by construction (objective 0)
     elif greedy is not None and (greedy[1] == 0 or not problem.options.strict_minimum):
         # Stopped or out of time before CP-SAT found anything: the construction is still a
         # valid plan, and "the best plan so far".

@@ -28,8 +28,14 @@ def _solve_valid(problem: Problem, **kw: Any) -> Plan:
         ["AMC_PGY2", "MAX_ONE_RURAL"],
     ],
 )
-def test_generated_instances_solve_to_valid_optimal_plans(rule_sets: list[str]) -> None:
+@pytest.mark.parametrize("construction", ["full", "off"])
+def test_generated_instances_solve_to_valid_optimal_plans(
+    rule_sets: list[str], construction: str
+) -> None:
+    """"off" makes CP-SAT find the plan alone, so the model itself is checked too."""
     p = small_generated(rule_sets)
+    p = p.model_copy(update={"options": p.options.model_copy(
+        update={"construction": construction})})
     plan = _solve_valid(p)
     assert plan.status == "OPTIMAL"
     assert len(plan.lines) == p.n_job_lines
@@ -39,12 +45,14 @@ def test_generated_instances_solve_to_valid_optimal_plans(rule_sets: list[str]) 
     assert plan.penalties["unfilled_positions"] == 0
 
 
-def test_tempting_rule_breaks_are_avoided() -> None:
+@pytest.mark.parametrize("construction", ["full", "off"])
+def test_tempting_rule_breaks_are_avoided(construction: str) -> None:
     """Demand that would love medicine-heavy lines; the rules forbid them."""
     teams = ["GMED", "GMED-B", "CARD", "RESP", "RMED", "GSUR", "ORTH", "EMED", "PSYC", "ICU",
              "RGP", "RELIEF", "NIGHTS"]
     data = problem_dict(n=6, teams=teams,
-                        rule_sets=["VIC_PGY1", "MAX_ONE_RURAL", "NO_CONSECUTIVE_SERVICE"])
+                        rule_sets=["VIC_PGY1", "MAX_ONE_RURAL", "NO_CONSECUTIVE_SERVICE"],
+                        options={"construction": construction})
     for d in data["demand"]:
         if d["team"] in ("GMED", "GMED-B", "CARD", "RESP", "RMED", "RELIEF", "NIGHTS", "RGP"):
             d["min"] = 2
