@@ -104,6 +104,7 @@ class Listener:
             run_id = getter.result()
             metrics.QUEUE_DEPTH.set(len(self.queue))
             self._announce_queue()
+            claim_started = asyncio.get_running_loop().time()
             try:
                 run = await self.db.claim(self.s.worker_id, run_id)
             except Exception as exc:
@@ -115,7 +116,8 @@ class Listener:
                 continue  # another listener has it, or it is no longer PENDING
             self.current_run = run.id
             try:
-                await executor.execute(run, self.draining)
+                claim_s = asyncio.get_running_loop().time() - claim_started
+                await executor.execute(run, self.draining, claim_s)
             finally:
                 self.current_run = None
 

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import os
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -311,3 +312,34 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
+
+
+async def test_docs_realtime_js_snippet_follows_a_run(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+    rt_server: RealtimeServer, dev_settings: DevSettings,
+):
+    """The snippet UI authors copy from docs/listener.md works as written."""
+    org = orgs[2]
+    run_id = await start_run(db, org, {"time_limit_seconds": 2})
+    anon = keys.api_key("anon", dev_settings.jwt_secret)
+    script = JsClient.available() and Path(__file__).resolve().parents[1] / "js" / "watch_run.mjs"
+    assert script, "realtime-js is installed by make test"
+    node = await asyncio.create_subprocess_exec(
+        "node", str(script), rt_server.url, anon, org.planner.access_token, run_id,
+        cwd=str(script.parent), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert node.stdout is not None
+    first = json.loads(await asyncio.wait_for(node.stdout.readline(), 15))
+    assert first == {"type": "subscribed", "payload": {"id": run_id}}
+    listeners("L1")
+    out, err = await asyncio.wait_for(node.communicate(), 90)
+    assert node.returncode == 0, err.decode()
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    types = [e["type"] for e in events]
+    assert "progress" in types and "row" in types and "done" in types, types
+    done = next(e for e in events if e["type"] == "done")
+    assert done["payload"]["status"] == "COMPLETED"
+    assert {"phase": "solving", "position": None} in [
+        {"phase": e["payload"]["phase"], "position": e["payload"].get("position")}
+        for e in events if e["type"] == "status"
+    ]
