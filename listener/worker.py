@@ -49,19 +49,25 @@ def adapt_problem(raw: dict[str, Any]) -> dict[str, Any]:
       lines than the current plan has is a normal request, not an error.
     """
     out = dict(raw)
-    teams = []
-    for team in out.get("teams") or []:
-        t = dict(team)
-        if not t.get("subspecialty"):
-            t["subspecialty"] = t.get("specialty") or ""
-        if t.get("site") == "":
-            t["site"] = None
-        teams.append(t)
-    out["teams"] = teams
+    if isinstance(out.get("teams"), list):
+        teams: list[Any] = []
+        for team in out["teams"]:
+            if isinstance(team, dict):  # anything else is the model's to reject, readably
+                team = dict(team)
+                if not team.get("subspecialty"):
+                    team["subspecialty"] = team.get("specialty") or ""
+                if team.get("site") == "":
+                    team["site"] = None
+            teams.append(team)
+        out["teams"] = teams
     prev = out.get("previous_plan")
     n = out.get("n_job_lines")
-    if isinstance(prev, dict) and isinstance(n, int):
-        lines = [ln for ln in prev.get("lines") or [] if int(ln.get("line", 0)) <= n]
+    if isinstance(prev, dict) and isinstance(n, int) and isinstance(prev.get("lines"), list):
+        # Drop only well-formed lines beyond n; anything malformed is left for the model to
+        # reject with a readable message (int() here used to raise on junk line numbers).
+        lines = [ln for ln in prev["lines"]
+                 if not (isinstance(ln, dict) and isinstance(ln.get("line"), int)
+                         and ln["line"] > n)]
         out["previous_plan"] = {**prev, "lines": lines}
     if out.get("options") is None:
         out["options"] = {}
