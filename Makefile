@@ -45,3 +45,7 @@ bench: up
 
 clean: down
 	rm -rf .devstack .venv .mypy_cache .ruff_cache .pytest_cache
+
+# The fault campaign (docs/reliability.md): a throw-away stack on ports 54349/54350, ~20 min.
+chaos: bootstrap
+	$(VENV)/bin/python -m tests.chaos.campaign --reps $${CHAOS_REPS:-20}
