@@ -42,6 +42,9 @@ def main() -> None:
     # First thing: a stop that arrives while we are still importing must not kill us.
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _sig, _frame: stop.set())
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides (it sends
+    # SIGTERM to stop gracefully), so the child ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     request = json.loads(sys.stdin.readline())
     parent_pid = int(request["parent_pid"])
     _die_with_parent(parent_pid)
