@@ -110,6 +110,9 @@ async def main(runs: int, burst: int) -> None:
                 await asyncio.sleep(1)
                 finished = {r["planner_run_id"]: r for r in proc.records()
                             if str(r.get("message", "")).startswith("run finished")}
+            except BaseException:
+                print(proc.log(20000), file=sys.stderr)
+                raise
             finally:
                 proc.stop_now()
         await db.close()

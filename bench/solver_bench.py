@@ -276,7 +276,7 @@ def isolated(fn: Any, *args: Any) -> dict[str, Any]:
 
 def replan_kept(problem: Problem, plan_json: dict[str, Any]) -> tuple[float, int, str]:
     """Change one used team's demand in T3 (one line fewer) and re-plan with stability."""
-    from solver.solve import solve
+    from solver.search import solve
 
     lines = plan_json["lines"]
     team = lines[0]["rotations"]["T3"]

@@ -175,6 +175,7 @@ class Listener:
                 worker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await worker
+            executor.close()
             self.stopped.set()
             for t in background:
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -43,6 +43,9 @@ class ListenerSettings(BaseSettings):
     )
     solver_memory_mb: int = Field(2048, ge=64)
     solver_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    solver_spare: bool = Field(
+        True, description="Keep one solver child pre-started so runs skip its ~1.3 s start-up."
+    )
     shutdown_grace_s: float = Field(20.0, ge=0)
     progress_interval_s: float = Field(
         0.5, gt=0, description="At most one progress event per this many seconds."

@@ -45,7 +45,18 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the parent decides (it sends
     # SIGTERM to stop gracefully), so the child ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    request = json.loads(sys.stdin.readline())
+    # Import the heavy parts (OR-Tools: ~1.3 s) before waiting for the request, so a spare
+    # child started ahead of time (`solver.process.SpareChild`) answers at once. They are
+    # loaded before the memory cap is set, so the cap measures the solve itself.
+    from loguru import logger
+
+    from solver.problem import Problem
+    from solver.search import solve
+
+    line = sys.stdin.readline()
+    if not line:  # a spare child whose parent went away, or was never used
+        return
+    request = json.loads(line)
     parent_pid = int(request["parent_pid"])
     _die_with_parent(parent_pid)
     # The protocol owns the real stdout; anything else printed goes to stderr (a log file).
@@ -60,12 +71,6 @@ def main() -> None:
             out.flush()
 
     memory_limit_mb = int(request["memory_limit_mb"])
-    # Import the heavy parts before capping memory, so the cap measures the solve itself.
-    from loguru import logger
-
-    from solver.problem import Problem
-    from solver.solve import solve
-
     logger.remove()
     logger.add(sys.stderr, level="INFO", diagnose=False)
     problem = Problem.model_validate(request["problem"])

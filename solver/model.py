@@ -11,7 +11,7 @@ The same builder serves two purposes:
   minimum and each term's pins is switched on by its own Boolean "guard" literal, which the
   caller passes as assumptions so CP-SAT can name a small infeasible subset.
 
-Parameters, callbacks and the solve loop live in `solver.solve`; checking a plan lives in
+Parameters, callbacks and the solve loop live in `solver.search`; checking a plan lives in
 `solver.validate` and does not use this code.
 """
 

@@ -286,20 +286,8 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def start_solve(
-    problem: Problem,
-    *,
-    memory_limit_mb: int = 2048,
-    time_limit_s: float | None = None,
-    num_workers: int | None = None,
-) -> SolveHandle:
-    """Start solving `problem` in a child process and return its handle at once."""
-    if time_limit_s is not None:
-        problem = problem.model_copy(
-            update={"options": problem.options.model_copy(
-                update={"time_limit_seconds": time_limit_s})}
-        )
-    limit = problem.options.time_limit_seconds
+def _spawn() -> tuple[subprocess.Popen[bytes], str]:
+    """A fresh child interpreter, waiting for its request on stdin."""
     fd, stderr_path = tempfile.mkstemp(prefix="planner-solver-", suffix=".log")
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
@@ -317,6 +305,82 @@ def start_solve(
         )
     finally:
         os.close(fd)
+    return process, stderr_path
+
+
+class SpareChild:
+    """One solver child started ahead of time, its imports done, waiting for a problem.
+
+    A fresh interpreter needs about 1.3 s to load OR-Tools; a long-running caller (the
+    listener) keeps a spare so a run starts solving at once. `take()` hands the spare over
+    (or spawns one if there is none or it died) and `refill()` starts the next (the listener
+    refills as soon as a solve has started, trading ~1.3 s of one core during that solve for
+    no start-up wait on the next run). `close()` ends an unused spare (it exits on stdin EOF).
+    """
+
+    def __init__(self) -> None:
+        self._spare: tuple[subprocess.Popen[bytes], str] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The waiting spare's pid, if there is one."""
+        return self._spare[0].pid if self._spare is not None else None
+
+    def refill(self) -> None:
+        if self._spare is None or self._spare[0].poll() is not None:
+            self._discard()
+            self._spare = _spawn()
+
+    def take(self) -> tuple[subprocess.Popen[bytes], str]:
+        spare, self._spare = self._spare, None
+        if spare is not None and spare[0].poll() is None:
+            return spare
+        if spare is not None:
+            _cleanup(*spare)
+        return _spawn()
+
+    def _discard(self) -> None:
+        if self._spare is not None:
+            _cleanup(*self._spare)
+            self._spare = None
+
+    def close(self) -> None:
+        self._discard()
+
+
+def _cleanup(process: subprocess.Popen[bytes], stderr_path: str) -> None:
+    if process.stdin is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+    try:
+        process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    with contextlib.suppress(OSError):
+        os.unlink(stderr_path)
+
+
+def start_solve(
+    problem: Problem,
+    *,
+    memory_limit_mb: int = 2048,
+    time_limit_s: float | None = None,
+    num_workers: int | None = None,
+    spare: SpareChild | None = None,
+) -> SolveHandle:
+    """Start solving `problem` in a child process and return its handle at once.
+
+    With `spare`, the pre-started child is used (and none is started in its place: the
+    caller refills when convenient).
+    """
+    if time_limit_s is not None:
+        problem = problem.model_copy(
+            update={"options": problem.options.model_copy(
+                update={"time_limit_seconds": time_limit_s})}
+        )
+    limit = problem.options.time_limit_seconds
+    process, stderr_path = spare.take() if spare is not None else _spawn()
     request = {
         "problem": problem.model_dump(mode="json"),
         "memory_limit_mb": memory_limit_mb,

@@ -15,6 +15,7 @@ from solver import (
     SolverCrashed,
     SolverOutOfMemory,
     SolverProcessError,
+    SpareChild,
     start_solve,
     validate_plan,
 )
@@ -110,3 +111,27 @@ def test_blocking_wait_for_scripts() -> None:
     plan = handle.wait(60)
     assert isinstance(plan, Plan) and plan.status == "OPTIMAL"
     assert handle.done
+
+
+async def test_spare_child_is_used_then_refilled_and_closed() -> None:
+    """The listener keeps a pre-started child; a solve takes it instead of spawning."""
+    spare = SpareChild()
+    spare.refill()
+    first = spare.pid
+    assert first is not None
+    spare.refill()
+    assert spare.pid == first, "refill keeps a live spare"
+    p = small_generated(["VIC_PGY1"], lines=14)
+    handle = start_solve(p, num_workers=1, spare=spare)
+    assert handle.pid == first and spare.pid is None
+    plan = await handle.result()
+    assert plan.status in ("OPTIMAL", "FEASIBLE") and validate_plan(p, plan) == []
+    spare.refill()
+    second = spare.pid
+    assert second is not None and second != first
+    spare.close()
+    assert spare.pid is None
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # the spare exits on stdin EOF; wait() reaped it in close()
+            os.kill(second, 0)
+            time.sleep(0.05)
