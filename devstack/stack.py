@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import os
 import signal
 import subprocess
@@ -66,10 +65,6 @@ class RealtimeProcess:
     @property
     def logfile(self) -> Path:
         return self.settings.log_dir / "realtime.log"
-
-    @staticmethod
-    def available() -> bool:
-        return importlib.util.find_spec("devstack.realtime") is not None
 
     def pid(self) -> int | None:
         try:
@@ -153,7 +148,7 @@ def up(settings: DevSettings | None = None) -> DevSettings:
     for name in applied:
         logger.info("migration applied: {}", name)
     rt = RealtimeProcess(s)
-    if RealtimeProcess.available() and rt.start():
+    if rt.start():
         logger.info("Realtime server started on {}:{}", s.host, s.realtime_port)
     return s
 
