@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import os
+import urllib.request
 from pathlib import Path
 
 import asyncpg
@@ -163,6 +164,12 @@ async def test_realtime_outage_runs_complete_through_catch_up(
     await listener.wait_ready(timeout_s=60)
     run = await start_run(db, orgs[3])
     assert (await wait_for_status(db, run, TERMINAL, 30))["status"] == "COMPLETED"
+    # The supervisor recreated the client (the outage outlasted PLANNER_REALTIME_STALE_AFTER_S).
+    with urllib.request.urlopen(f"http://127.0.0.1:{listener.health_port}/metrics") as resp:
+        text = resp.read().decode()
+    reconnects = next(float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith("planner_realtime_reconnects_total "))
+    assert reconnects >= 1
 
 
 async def test_cancel_stops_the_solve_and_keeps_the_old_plan(
@@ -343,3 +350,26 @@ async def test_docs_realtime_js_snippet_follows_a_run(
         {"phase": e["payload"]["phase"], "position": e["payload"].get("position")}
         for e in events if e["type"] == "status"
     ]
+
+
+async def test_lease_lost_mid_solve_writes_nothing_and_the_run_is_redone(
+    db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
+):
+    """The sweeper takes a run from a live but (seemingly) stalled listener: the listener's
+    next heartbeat sees the lease is gone, kills its solve and writes nothing; the run is
+    then claimed again and committed exactly once."""
+    big = orgs[-1]
+    proc = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=4)
+    await proc.wait_ready()
+    run_id = await start_run(db, big, {"time_limit_seconds": 4})
+    await wait_for_status(db, run_id, {"GENERATING"}, 30)
+    await asyncio.sleep(0.5)
+    assert await db.fetchval("select planner_engine.sweep_stale_runs('0 seconds')") >= 1
+    row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
+    assert row["status"] == "COMPLETED" and row["attempts"] == 2, row
+    snapshots = await db.fetchval(
+        "select count(*) from job_lines_history where planner_run_id = $1", run_id)
+    assert snapshots <= 1, "one commit at most per run"
+    await asyncio.sleep(1)
+    assert any("lease lost" in r.get("message", "") for r in proc.records()), proc.log()
+    await assert_valid_plan(db, run_id)
