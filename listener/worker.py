@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import Any
 
@@ -124,9 +125,37 @@ class RunExecutor:
         self.db = db
         self.bc = broadcaster
         self.s = settings
+        self._phases: asyncio.Task[None] | None = None  # last phase broadcast, in order
         self.spare = SpareChild() if settings.solver_spare else None
         if self.spare is not None:
             self.spare.refill()
+
+    def _phase(self, run_id: Any, phase: str) -> None:
+        """Announce a GENERATING phase without waiting for Realtime.
+
+        These broadcasts sit between the claim and the first heartbeat (and between the last
+        heartbeat and the commit). Awaiting them let a slow Realtime (up to 3 s per call)
+        stretch the lease's unheartbeated window past a short sweeper TTL, so a live run
+        was re-queued. Each phase task awaits the previous one, so events stay in order.
+        """
+        self._in_order(lambda: self.bc.status(run_id, "GENERATING", phase))
+
+    def _in_order(self, make: Callable[[], Awaitable[Any]]) -> None:
+        """Run a best-effort broadcast after the previous one, without waiting for it here."""
+        prev = self._phases
+
+        async def send() -> None:
+            if prev is not None:
+                with contextlib.suppress(Exception):
+                    await prev
+            await make()
+
+        self._phases = asyncio.create_task(send())
+
+    async def _phases_sent(self) -> None:
+        if self._phases is not None:
+            with contextlib.suppress(Exception):
+                await self._phases
 
     def close(self) -> None:
         if self.spare is not None:
@@ -157,6 +186,7 @@ class RunExecutor:
                 await self._safe_finish(run, "FAILED", f"internal error: {error}", None)
                 outcome = Outcome.FAILED
             metrics.RUNS.labels(outcome=outcome.value).inc()
+            await self._phases_sent()  # after the database write: "done" comes last
             if outcome is not Outcome.LEASE_LOST:
                 status = "PENDING" if outcome is Outcome.REQUEUED else outcome.value
                 await self.bc.status(run.id, status, "done")
@@ -191,7 +221,7 @@ class RunExecutor:
     ) -> Outcome:
         """The run's steps; `timings` collects where the time went (logged by `execute`)."""
         logger.info("run claimed (attempt {}/{})", run.attempts, run.max_attempts)
-        await self.bc.status(run.id, "GENERATING", "loading")
+        self._phase(run.id, "loading")
         t0 = time.monotonic()
         raw = await self.db.load_problem(run.id, run.lease)
         try:
@@ -217,7 +247,7 @@ class RunExecutor:
             # The next run's child loads while this one solves (about 1.3 s of one core):
             # in a burst every run but the first starts solving at once.
             self.spare.refill()
-        await self.bc.status(run.id, "GENERATING", "solving")
+        self._phase(run.id, "solving")
         metrics.SOLVING.set(1)
         solve_started = time.monotonic()
         try:
@@ -242,7 +272,7 @@ class RunExecutor:
             await self.db.finish(run, "PENDING", None, None)
             return Outcome.REQUEUED
 
-        await self.bc.status(run.id, "GENERATING", "writing")
+        self._phase(run.id, "writing")
         meta = plan_metadata(plan, run, self.s.worker_id)
         w0 = time.monotonic()
         timings["solver_ms"] = plan.solve_seconds * 1000
@@ -333,7 +363,7 @@ class RunExecutor:
             for t in helpers:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
-            await throttle.close()
+            self._in_order(throttle.close)  # the last figures, without delaying the commit
         if lease_lost.is_set():
             raise LeaseLost("lease lost during the solve")
         return plan, stopped_by
