@@ -319,29 +319,27 @@ class Run:
         if sweeper:
             self._tasks.append(asyncio.create_task(self._sweep()))
 
+    async def _bounded(self, sql: str, *args: Any) -> Any:
+        """One statement on a fresh connection, everything bounded in time: a loop that must
+        survive PostgreSQL restarts and lock waits may never hang on a dead socket."""
+        conn = await asyncio.wait_for(asyncpg.connect(self.c.dsn, timeout=5), 6)
+        try:
+            return await asyncio.wait_for(conn.fetchrow(sql, *args), 10)
+        finally:
+            conn.terminate()
+
     async def _sweep(self) -> None:
-        conn: asyncpg.Connection | None = None
         while not self._stop.is_set():
-            try:
-                conn = conn or await _connect(self.c.dsn)
-                await conn.fetchval("select planner_engine.sweep_stale_runs($1::text::interval)",
+            with contextlib.suppress(Exception):
+                await self._bounded("select planner_engine.sweep_stale_runs($1::text::interval)",
                                     f"{SWEEP_TTL_S} seconds")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                with contextlib.suppress(Exception):
-                    if conn is not None:
-                        await conn.close()
-                conn = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), SWEEP_PERIOD_S)
-        if conn is not None:
-            await conn.close()
 
     async def _sample(self) -> None:
-        conn: asyncpg.Connection | None = None
         while not self._stop.is_set():
-            try:
-                conn = conn or await _connect(self.c.dsn)
-                gap, per_worker = await conn.fetchrow(
+            with contextlib.suppress(Exception):
+                gap, per_worker = await self._bounded(
                     "select (select coalesce(max(extract(epoch from clock_timestamp()"
                     "                                    - heartbeat_at)), 0)::float8"
                     "          from allocation_planner_runs"
@@ -353,15 +351,8 @@ class Run:
                     "         group by worker_id) x)", self.started_db, 2 * HEARTBEAT_S + 1)
                 self.max_gap = max(self.max_gap, float(gap))
                 self.max_per_worker = max(self.max_per_worker, int(per_worker))
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                with contextlib.suppress(Exception):
-                    if conn is not None:
-                        await conn.close()
-                conn = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.25)
-        if conn is not None:
-            await conn.close()
 
     async def stop_background(self) -> None:
         self._stop.set()
