@@ -65,6 +65,7 @@ class ChangeDispatcher:
         self.by_table: dict[tuple[str, str], list[Binding]] = defaultdict(list)
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.delivered = 0
+        self._visible_xid: int | None = None  # last transaction known visible to snapshots
 
     # -- subscriptions ---------------------------------------------------------------------
     async def subscribe(self, ch: Channel, entries: list[dict[str, Any]]) -> None:
@@ -188,6 +189,13 @@ class ChangeDispatcher:
         if not per_channel:
             return
 
+        # The commit is decoded before the transaction is visible to other sessions; a
+        # subscriber reacting to the event (or our own RLS check) could otherwise not find
+        # the row yet.
+        xid = change.get("xid")
+        if isinstance(xid, int) and xid != self._visible_xid:
+            await self.db.wait_visible(xid)
+            self._visible_xid = xid
         data = self._data(info, kind, change.get("timestamp"), record, old)
         allowed = await self._authorise(info, kind, record, list(per_channel))
         for ch, ids in per_channel.items():

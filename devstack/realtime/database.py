@@ -25,6 +25,16 @@ PUBLICATION_TTL_S = 2.0
 # Table metadata (columns, PK, RLS flag, replica identity) is re-read after this long, so
 # DDL made while the server runs is picked up without a restart.
 TABLE_TTL_S = 5.0
+# Longest wait for a decoded transaction to become visible to new snapshots.
+VISIBILITY_TIMEOUT_S = 5.0
+# Whether a (32-bit) xid is still in progress for a snapshot taken now: at or after the
+# snapshot's xmax (circular xid order, as TransactionIdFollowsOrEquals) or listed in its xip.
+IN_PROGRESS_SQL = """
+select ((($1::bigint - pg_snapshot_xmax(s)::text::bigint) % 4294967296 + 4294967296)
+        % 4294967296) < 2147483648
+    or exists (select 1 from pg_snapshot_xip(s) x where x::text::bigint % 4294967296 = $1)
+from pg_current_snapshot() s
+"""
 
 
 @dataclass
@@ -154,6 +164,26 @@ class Database:
             # Unknown roles cannot see anything; they are denied by the checks below.
             self._bypass[role] = bool(row[0]) if row is not None else False
         return self._bypass[role]
+
+    async def wait_visible(self, xid: int, timeout_s: float = VISIBILITY_TIMEOUT_S) -> bool:
+        """Wait until transaction `xid` is no longer in progress for a new snapshot.
+
+        wal2json hands out a transaction's changes as soon as its commit record is flushed,
+        which is before the committing backend leaves the proc array: for a short while a new
+        snapshot still treats the transaction as running and does not see its rows. Anything
+        that reads the row on receipt (our RLS check, a listener claiming a run) must not run
+        in that window. Usually the first query answers "visible"; otherwise re-check every
+        millisecond (bounded by `timeout_s`).
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = await self.pool.fetchval(IN_PROGRESS_SQL, xid % 4294967296)
+            if not running:
+                return True
+            if time.monotonic() >= deadline:
+                logger.warning("transaction {} still in progress after its commit was decoded", xid)
+                return False
+            await asyncio.sleep(0.001)
 
     # -- authorisation ---------------------------------------------------------------------
     @staticmethod

@@ -38,6 +38,9 @@ WAL2JSON_OPTIONS = {
     "include-timestamp": "1",
     "include-type-oids": "1",
     "include-transaction": "0",
+    # The xid of every change: dispatch waits until that transaction is visible (see
+    # ChangeDispatcher.dispatch).
+    "include-xids": "1",
     "actions": "insert,update,delete",
 }
 FEEDBACK_INTERVAL_S = 5.0
