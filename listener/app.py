@@ -45,6 +45,7 @@ class Listener:
         self.log_sink = RunLogSink(capacity=settings.log_buffer)
         self.current_run: uuid.UUID | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget broadcasts
+        self._resync_timer: asyncio.TimerHandle | None = None
 
     # -- hints ------------------------------------------------------------------------------
     def hint(self, run_id: uuid.UUID, created_at: datetime) -> None:
@@ -57,6 +58,15 @@ class Listener:
 
     def resync(self) -> None:
         self._resync.set()
+
+    def _resync_soon(self, delay_s: float = 1.0) -> None:
+        """One catch-up scan `delay_s` from now (debounced)."""
+        if self._resync_timer is None or self._resync_timer.cancelled():
+            def fire() -> None:
+                self._resync_timer = None
+                self.resync()
+
+            self._resync_timer = asyncio.get_running_loop().call_later(delay_s, fire)
 
     def _announce_queue(self) -> None:
         """Tell each waiting run its position (only when it changed)."""
@@ -113,7 +123,11 @@ class Listener:
                 self.resync()
                 continue
             if run is None:
-                continue  # another listener has it, or it is no longer PENDING
+                # Another listener has it, or it is no longer PENDING, or (seen with the local
+                # server, possible with any CDC) the event outran the insert's visibility to
+                # new snapshots. A scan a moment later settles the last case cheaply.
+                self._resync_soon()
+                continue
             self.current_run = run.id
             try:
                 claim_s = asyncio.get_running_loop().time() - claim_started
