@@ -57,6 +57,10 @@ from tests.support.harness import TERMINAL, ListenerProcess, insert_run, listene
 
 #: Small but real: 5 terms, VIC_PGY1, 24 lines; CP-SAT searches until its time limit.
 SMALL = {"lines": 24, "terms": 5, "teams": 24, "rule_sets": ["VIC_PGY1"]}
+#: Mid-solve faults need a search that is still running seconds later: 250 lines x 80 teams
+#: searches until its time limit (the small instance is solved to optimality in ~0.1 s).
+LARGE = {"lines": 250, "terms": 5, "teams": 80, "rule_sets": ["VIC_PGY1"]}
+LARGE_ARS = 16
 N_ORGS = 20
 ARS_PER_ORG = 5  # allocation runs per organisation (one active run per allocation run)
 SWEEP_TTL_S = 5.0  # the test TTL of the sweeper (production: 90 s)
@@ -206,6 +210,8 @@ async def _baseline_plan(conn: asyncpg.Connection, org_id: str, ar: str, n_lines
 
 
 async def build_world(conn: asyncpg.Connection, settings: DevSettings) -> list[Slot]:
+    """20 small organisations x 5 allocation runs, then LARGE_ARS allocation runs of one
+    large organisation (returned last; `Campaign.large` holds them)."""
     slots: list[Slot] = []
     for i in range(N_ORGS):
         org = await seed_organization(conn, settings, f"Chaos Health {i}", instance_seed=i,
@@ -214,6 +220,11 @@ async def build_world(conn: asyncpg.Connection, settings: DevSettings) -> list[S
             await _clone_allocation_run(conn, org.id, org.allocation_run_id, k)
             for k in range(1, ARS_PER_ORG)]
         slots += [Slot(org, ar) for ar in ars]
+    big = await seed_organization(conn, settings, "Chaos Large", instance_seed=99,
+                                  **LARGE)  # type: ignore[arg-type]
+    slots += [Slot(big, ar) for ar in [big.allocation_run_id] + [
+        await _clone_allocation_run(conn, big.id, big.allocation_run_id, k)
+        for k in range(1, LARGE_ARS)]]
     # The campaign inserts hundreds of runs; the hourly limit has its own tests (tests/db).
     await conn.execute("update organizations set max_runs_per_hour = 1000000")
     for s in slots:
@@ -264,11 +275,14 @@ class Run:
         return [p for p in self.listeners if p.proc is not None and p.proc.poll() is None]
 
     # runs
-    async def insert(self, options: dict[str, Any], slot: Slot | None = None) -> str:
-        """Insert a run as the organisation's planner on a slot with no active run."""
+    async def insert(self, options: dict[str, Any], slot: Slot | None = None,
+                     large: bool = False) -> str:
+        """Insert a run as the organisation's planner on a slot with no active run
+        (`large`: on the large organisation, for faults that must hit a running search)."""
         deadline = time.monotonic() + 120
+        pool = self.c.large if large else self.c.small
         while True:
-            candidates = [slot] if slot else self.c.rnd.sample(self.c.slots, len(self.c.slots))
+            candidates = [slot] if slot else self.c.rnd.sample(pool, len(pool))
             for s in candidates:
                 try:
                     run_id = await insert_run(
@@ -447,10 +461,16 @@ class Run:
                     open_run = rid
                 elif msg.startswith("run finished") and rid == open_run:
                     open_run = None
-        if overlaps or self.max_per_worker > 1:
+        # The logs are exact. The DB sample (GENERATING runs per worker with a recent
+        # heartbeat) is only reported: an orphan whose commit a PostgreSQL restart cut still
+        # has a fresh heartbeat for a moment while its listener claims the next run.
+        if self.max_per_worker > 1:
+            self.r.notes.append(f"DB sample: up to {self.max_per_worker} GENERATING runs with"
+                                " a recent heartbeat for one worker id")
+        if overlaps:
             self.r.violations.append(
-                f"two solves at once inside one listener ({overlaps} in logs,"
-                f" {self.max_per_worker} GENERATING runs for one worker)")
+                f"two solves at once inside one listener ({overlaps} overlapping claims in"
+                " its log)")
 
     async def close(self) -> None:
         await self.stop_background()
@@ -494,6 +514,8 @@ class Campaign:
         self.rnd = random.Random(seed)
         self.log_dir = chaos.tmp / "logs"
         self.slots: list[Slot] = []
+        self.small: list[Slot] = []
+        self.large: list[Slot] = []
         self.db: asyncpg.Connection = None  # type: ignore[assignment]
 
     def q(self) -> asyncpg.Connection:
@@ -508,6 +530,8 @@ class Campaign:
         await asyncio.to_thread(self.stack.up)
         self.db = await _connect(self.dsn)
         self.slots = await build_world(self.db, self.settings)
+        self.small = self.slots[:N_ORGS * ARS_PER_ORG]
+        self.large = self.slots[N_ORGS * ARS_PER_ORG:]
 
     async def set_cron_ttl(self, ttl: str | None) -> None:
         command = (DEFAULT_CRON_COMMAND if ttl is None
@@ -549,7 +573,7 @@ async def s1_kill9(c: Campaign, r: Run, reps: int) -> None:
         await victim.wait_ready()
         hit = 0
         for _ in range(reps):
-            await r.insert({"time_limit_seconds": 4})
+            await r.insert({"time_limit_seconds": 4}, large=True)
             rid = await r.wait_generating_by(victim.worker_id)
             await asyncio.sleep(c.rnd.uniform(0.3, 2.5))
             hit += (await r.row(rid))["status"] == "GENERATING"
@@ -582,7 +606,7 @@ async def s2_sigterm(c: Campaign, r: Run, reps: int) -> None:
         await p.wait_ready()
     exits: list[int] = []
     for _ in range(reps):
-        rid = await r.insert({"time_limit_seconds": 4})
+        rid = await r.insert({"time_limit_seconds": 4}, large=True)
         row = await r.wait_status(rid, {"GENERATING", *TERMINAL})
         await asyncio.sleep(c.rnd.uniform(0.2, 2.5))
         name = next((n for n, p in procs.items() if p.worker_id == row["worker_id"]), None)
@@ -651,7 +675,8 @@ async def s4_postgres(c: Campaign, r: Run, reps: int) -> None:
     modes = {"mid-solve": 0, "mid-commit": 0}
     for i in range(reps):
         mode = "mid-commit" if i % 2 else "mid-solve"
-        rid = await r.insert({"time_limit_seconds": 3 if mode == "mid-solve" else 2})
+        rid = await r.insert({"time_limit_seconds": 3 if mode == "mid-solve" else 2},
+                             large=True)
         await r.wait_status(rid, {"GENERATING", *TERMINAL}, timeout_s=120)
         locker: asyncpg.Connection | None = None
         if mode == "mid-solve":
@@ -689,7 +714,7 @@ async def s5_burst(c: Campaign, r: Run, reps: int) -> None:
     for n in ("A", "B", "C"):
         await r.listener(n).wait_ready()
     by_org: dict[str, list[Slot]] = {}
-    for s in c.slots:
+    for s in c.small:
         by_org.setdefault(s.org.id, []).append(s)
     starved = 0
     worst_wait = 0.0
@@ -763,7 +788,7 @@ async def s6_solver_child(c: Campaign, r: Run, reps: int) -> None:
     await ok.wait_ready()
     kills = 0
     for i in range(reps - n_mem):
-        rid = await r.insert({"time_limit_seconds": 5})
+        rid = await r.insert({"time_limit_seconds": 5}, large=True)
         await r.wait_status(rid, {"GENERATING"}, timeout_s=60)
         deadline = time.monotonic() + 10
         assert ok.proc is not None
@@ -810,14 +835,15 @@ async def s7_slow_db(c: Campaign, r: Run, reps: int) -> None:
     lst = r.listener("L")
     await lst.wait_ready()
     sweeper_conn = await _connect(c.dsn)
-    orders = {"commit-first/job_lines": 0, "commit-first/row": 0, "sweeper-first/row": 0}
+    # Sweeper-first second, so the quick version (2 repetitions) covers both winners.
+    orders = {"commit-first/job_lines": 0, "sweeper-first/row": 0, "commit-first/row": 0}
     requeued = 0
     holds: list[float] = []
     try:
         for i in range(reps):
             mode = list(orders)[i % 3]
             limit = 4 if mode == "sweeper-first/row" else 2
-            rid = await r.insert({"time_limit_seconds": limit})
+            rid = await r.insert({"time_limit_seconds": limit}, large=True)
             await r.wait_status(rid, {"GENERATING"}, timeout_s=120)
             await asyncio.sleep(0.8)
             locker = await _connect(c.dsn)
@@ -882,7 +908,7 @@ async def run_campaign(reps: int, only: list[str] | None = None, seed: int = 7,
         t0 = time.monotonic()
         await c.setup()
         out(f"# stack {chaos.settings.state_dir} up and seeded ({len(c.slots)} allocation runs,"
-            f" {N_ORGS} organisations) in {time.monotonic() - t0:.0f} s; seed {seed}")
+            f" {N_ORGS} + 1 organisations) in {time.monotonic() - t0:.0f} s; seed {seed}")
         out(Result.HEADER)
         out(Result.RULE)
         for key in only or list(SCENARIOS):
