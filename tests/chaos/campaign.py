@@ -709,7 +709,7 @@ async def s5_burst(c: Campaign, r: Run, reps: int) -> None:
     """Three listeners, bursts of runs from all 20 organisations (round robin, 5 allocation
     runs each): each run solved exactly once, one solve at a time per listener, no
     organisation starved (each one's first run is claimed among the first claims)."""
-    per_org = ARS_PER_ORG if reps >= 10 else 1
+    per_org = ARS_PER_ORG if reps > QUICK_REPS else 1  # full: the 100-run burst
     bursts = 1
     for n in ("A", "B", "C"):
         await r.listener(n).wait_ready()
