@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -118,6 +119,15 @@ def plan_metadata(plan: Plan, run: ClaimedRun, worker_id: str) -> dict[str, Any]
     }
 
 
+@dataclass
+class _Lease:
+    """What the run's heartbeat has learnt, shared with the solve supervision."""
+
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested: bool = False
+    handle: SolveHandle | None = None  # the child to stop or kill, once there is one
+
+
 class RunExecutor:
     """Executes claimed runs one at a time for the listener."""
 
@@ -216,10 +226,44 @@ class RunExecutor:
         await self.bc.send(run.id, "done", {"run_id": str(run.id), "status": status,
                                             "error": error, **(meta or {})})
 
+    async def _heartbeat(self, run: ClaimedRun, lease: _Lease) -> None:
+        """Keep the lease from the claim to the end of the run (load, solve and commit alike).
+
+        A lost lease kills the solve (nothing will be written); a cancel request stops it.
+        """
+        while True:
+            await asyncio.sleep(self.s.heartbeat_interval_s)
+            try:
+                beat = await self.db.heartbeat(run.id, run.lease)
+            except Exception as exc:  # the sweeper's TTL covers a long outage
+                logger.warning("heartbeat failed: {}", exc)
+                continue
+            if not beat.lease_held:
+                lease.lost.set()
+                if lease.handle is not None:
+                    lease.handle.kill()
+                return
+            if beat.cancel_requested and not lease.cancel_requested:
+                lease.cancel_requested = True
+                if lease.handle is not None:
+                    lease.handle.stop()
+
     async def _execute(
         self, run: ClaimedRun, draining: asyncio.Event, timings: dict[str, float]
     ) -> Outcome:
-        """The run's steps; `timings` collects where the time went (logged by `execute`)."""
+        """The run's steps, heartbeating throughout; `timings` says where the time went."""
+        lease = _Lease()
+        heartbeat = asyncio.create_task(self._heartbeat(run, lease))
+        try:
+            return await self._steps(run, draining, timings, lease)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await heartbeat
+
+    async def _steps(
+        self, run: ClaimedRun, draining: asyncio.Event, timings: dict[str, float], lease: _Lease
+    ) -> Outcome:
         logger.info("run claimed (attempt {}/{})", run.attempts, run.max_attempts)
         self._phase(run.id, "loading")
         t0 = time.monotonic()
@@ -240,9 +284,14 @@ class RunExecutor:
             ",".join(problem.rule_sets) or "-", limit,
         )
         timings["load_ms"] = (time.monotonic() - t0) * 1000
+        if lease.lost.is_set():
+            raise LeaseLost("lease lost while loading")
         handle = start_solve(problem, memory_limit_mb=self.s.solver_memory_mb,
                              time_limit_s=limit, num_workers=self.s.solver_workers,
                              spare=self.spare)
+        lease.handle = handle
+        if lease.cancel_requested:
+            handle.stop()
         if self.spare is not None:
             # The next run's child loads while this one solves (about 1.3 s of one core):
             # in a burst every run but the first starts solving at once.
@@ -251,7 +300,7 @@ class RunExecutor:
         metrics.SOLVING.set(1)
         solve_started = time.monotonic()
         try:
-            plan, stopped_by = await self._supervise(run, handle, draining, limit)
+            plan, stopped_by = await self._supervise(run, handle, draining, lease)
         except SolverProcessError as exc:
             logger.error("the solver process failed: {}", exc)
             await self._finish_with(run, "FAILED", f"solver failed: {exc}", None)
@@ -302,57 +351,40 @@ class RunExecutor:
         return Outcome.FAILED
 
     async def _supervise(
-        self, run: ClaimedRun, handle: SolveHandle, draining: asyncio.Event, limit: float
+        self, run: ClaimedRun, handle: SolveHandle, draining: asyncio.Event, lease: _Lease
     ) -> tuple[Plan, str | None]:
-        """Wait for the plan while heartbeating, streaming progress and honouring stops.
+        """Wait for the plan while streaming progress and honouring stops (the run's
+        heartbeat, in `_heartbeat`, stops or kills the child through `lease`).
 
         Returns the plan and what stopped the search early (None, "cancel" or "shutdown").
-        Raises LeaseLost after killing the child when the lease is gone.
+        Raises LeaseLost when the lease is gone.
         """
         throttle = ProgressThrottle(self.bc, run.id, self.s.progress_interval_s)
-        stopped_by: str | None = None
-        lease_lost = asyncio.Event()
+        shutdown_killed = False
 
         async def pump_progress() -> None:
             async for p in handle.progress():
                 throttle.update({"run_id": str(run.id), **p.model_dump()})
 
-        async def heartbeat() -> None:
-            nonlocal stopped_by
-            while True:
-                await asyncio.sleep(self.s.heartbeat_interval_s)
-                try:
-                    beat = await self.db.heartbeat(run.id, run.lease)
-                except Exception as exc:  # the sweeper's TTL covers a long outage
-                    logger.warning("heartbeat failed: {}", exc)
-                    continue
-                if not beat.lease_held:
-                    lease_lost.set()
-                    handle.kill()
-                    return
-                if beat.cancel_requested and stopped_by is None:
-                    stopped_by = "cancel"
-                    handle.stop()
-
         async def watch_shutdown() -> None:
-            nonlocal stopped_by
+            nonlocal shutdown_killed
             await draining.wait()
             logger.info("shutdown requested: letting the solve finish (grace {:.0f}s)",
                         self.s.shutdown_grace_s)
             await asyncio.sleep(self.s.shutdown_grace_s)
-            if stopped_by is None:
-                stopped_by = "shutdown"
+            if not lease.cancel_requested:
+                shutdown_killed = True
                 handle.kill()
 
-        helpers = [asyncio.create_task(f()) for f in (pump_progress, heartbeat, watch_shutdown)]
+        helpers = [asyncio.create_task(f()) for f in (pump_progress, watch_shutdown)]
         try:
             try:
                 plan = await handle.result()
             except SolverProcessError:
-                if lease_lost.is_set():
+                if lease.lost.is_set():
                     raise LeaseLost("lease lost during the solve") from None
-                if stopped_by == "shutdown":
-                    return Plan(status="UNKNOWN"), stopped_by
+                if shutdown_killed:
+                    return Plan(status="UNKNOWN"), "shutdown"
                 raise
         except asyncio.CancelledError:
             handle.kill()
@@ -364,6 +396,8 @@ class RunExecutor:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await t
             self._in_order(throttle.close)  # the last figures, without delaying the commit
-        if lease_lost.is_set():
+        if lease.lost.is_set():
             raise LeaseLost("lease lost during the solve")
-        return plan, stopped_by
+        if lease.cancel_requested:
+            return plan, "cancel"
+        return plan, "shutdown" if shutdown_killed else None

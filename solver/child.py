@@ -45,6 +45,10 @@ def main() -> None:
     # Ctrl-C in a terminal reaches the whole process group; the parent decides (it sends
     # SIGTERM to stop gracefully), so the child ignores SIGINT.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Die with the parent from the first instant: a spare child can wait for a long time, and
+    # a parent killed with -9 must not leave it behind (the parent pid comes as argv[1]).
+    if len(sys.argv) > 1:
+        _die_with_parent(int(sys.argv[1]))
     # Import the heavy parts (OR-Tools: ~1.3 s) before waiting for the request, so a spare
     # child started ahead of time (`solver.process.SpareChild`) answers at once. They are
     # loaded before the memory cap is set, so the cap measures the solve itself.

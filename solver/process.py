@@ -295,7 +295,7 @@ def _spawn() -> tuple[subprocess.Popen[bytes], str]:
     env.setdefault("PYTHONUNBUFFERED", "1")
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "solver.child"],
+            [sys.executable, "-m", "solver.child", str(os.getpid())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=fd,
