@@ -46,6 +46,7 @@ class Listener:
         self.current_run: uuid.UUID | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget broadcasts
         self._resync_timer: asyncio.TimerHandle | None = None
+        self._announce_timer: asyncio.TimerHandle | None = None
 
     # -- hints ------------------------------------------------------------------------------
     def hint(self, run_id: uuid.UUID, created_at: datetime) -> None:
@@ -69,7 +70,16 @@ class Listener:
             self._resync_timer = asyncio.get_running_loop().call_later(delay_s, fire)
 
     def _announce_queue(self) -> None:
-        """Tell each waiting run its position (only when it changed)."""
+        """Announce queue positions soon: at most one round per second, and in each round
+        only the positions that changed (a burst would otherwise send n² broadcasts)."""
+        if self._announce_timer is None:
+            def fire() -> None:
+                self._announce_timer = None
+                self._announce_now()
+
+            self._announce_timer = asyncio.get_running_loop().call_later(1.0, fire)
+
+    def _announce_now(self) -> None:
         assert self.bc is not None
         positions = self.queue.positions()
         for run_id, pos in positions.items():
