@@ -10,6 +10,7 @@ import pytest
 from devstack import stack
 from devstack.settings import DevSettings
 from tests.support.databases import cloned_database
+from tests.support.realtime import RealtimeServer
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,23 @@ def db_url(dev_settings: DevSettings, db_name: str) -> str:
 def engine_url(dev_settings: DevSettings, db_name: str) -> str:
     """The listener's least-privilege role on the module's database."""
     return dev_settings.engine_dsn(db_name)
+
+
+@pytest.fixture(scope="module")
+def rt_server(dev_settings: DevSettings, db_name: str) -> Iterator[RealtimeServer]:
+    """The local Realtime server for this module's database (tests/realtime overrides it)."""
+    with RealtimeServer(dev_settings, db_name) as server:
+        yield server
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A superuser connection to the module's database (the end-to-end tests' name for it)."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 @pytest.fixture

@@ -53,7 +53,13 @@ from devstack import stack
 from devstack.postgres import Cluster
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
-from tests.support.harness import TERMINAL, ListenerProcess, insert_run, listener_env
+from tests.support.harness import (
+    TERMINAL,
+    ListenerProcess,
+    child_pids,
+    insert_run,
+    listener_env,
+)
 
 #: Small but real: 5 terms, VIC_PGY1, 24 lines; CP-SAT searches until its time limit.
 SMALL = {"lines": 24, "terms": 5, "teams": 24, "rule_sets": ["VIC_PGY1"]}
@@ -756,14 +762,6 @@ async def s5_burst(c: Campaign, r: Run, reps: int) -> None:
     await r.account(ttl_s=SWEEP_TTL_S, sweep_period_s=SWEEP_PERIOD_S, expect_all="COMPLETED")
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
-
-
 async def _healthy_after(r: Run, lst: ListenerProcess) -> bool:
     status, body = await asyncio.to_thread(lst.readiness)
     return status == 200 and body.get("database") is True
@@ -792,10 +790,10 @@ async def s6_solver_child(c: Campaign, r: Run, reps: int) -> None:
         await r.wait_status(rid, {"GENERATING"}, timeout_s=60)
         deadline = time.monotonic() + 10
         assert ok.proc is not None
-        while not _children(ok.proc.pid) and time.monotonic() < deadline:  # noqa: ASYNC110
+        while not child_pids(ok.proc.pid) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # the child starts after load_problem; poll /proc
         await asyncio.sleep(c.rnd.uniform(0.2, 2.0))
-        for pid in _children(ok.proc.pid):
+        for pid in child_pids(ok.proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSEGV if i % 2 == 0 else signal.SIGKILL)
                 kills += 1

@@ -7,7 +7,7 @@ restarts PostgreSQL; see tests/chaos/campaign.py.)
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -31,21 +31,6 @@ async def orgs(dev_settings: DevSettings, db_url: str) -> list[SeededOrganizatio
                 for i, n in enumerate("AB")]
         await conn.execute("update organizations set max_runs_per_hour = 100000")
         return made
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-def rt_server(dev_settings: DevSettings, db_name: str) -> Iterator[RealtimeServer]:
-    with RealtimeServer(dev_settings, db_name) as server:
-        yield server
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        yield conn
     finally:
         await conn.close()
 

@@ -3,7 +3,7 @@ and real `planner listen` subprocesses started per test."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -34,21 +34,6 @@ async def orgs(dev_settings: DevSettings, db_url: str) -> list[SeededOrganizatio
         # Tests insert many runs; the hourly Denial-of-Wallet limit has its own tests.
         await conn.execute("update organizations set max_runs_per_hour = 10000")
         return made
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module")
-def rt_server(dev_settings: DevSettings, db_name: str) -> Iterator[RealtimeServer]:
-    with RealtimeServer(dev_settings, db_name) as server:
-        yield server
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        yield conn
     finally:
         await conn.close()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from tests.listener.conftest import ListenerFactory
 from tests.realtime.helpers import JsClient
 from tests.support.harness import (
     TERMINAL,
+    child_pids,
     insert_run,
+    process_alive,
     run_row,
     stored_problem_and_plan,
     wait_all,
@@ -230,12 +231,12 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
                      run_id, max_attempts)
     await wait_for_status(db, run_id, {"GENERATING"}, 30)
     await asyncio.sleep(1.0)
-    solver_children = _children(first.proc.pid if first.proc else 0)
+    solver_children = child_pids(first.proc.pid if first.proc else 0)
     first.kill()
     await first.wait()
     await asyncio.sleep(1.5)
     for pid in solver_children:
-        assert not _alive(pid), "the solver child outlived its killed listener"
+        assert not process_alive(pid), "the solver child outlived its killed listener"
     assert (await run_row(db, run_id))["status"] == "GENERATING"
     swept = await db.fetchval("select planner_engine.sweep_stale_runs('1 second')")
     assert swept >= 1
@@ -298,27 +299,6 @@ async def test_infeasible_and_invalid_runs_end_with_readable_logs(
                for r in await logs_of(db, invalid, "bogus_option"))
     assert any("infeasible" in r["message"]
                for r in await logs_of(db, infeasible, "infeasible"))
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split()[2] != "Z"
-    except OSError:
-        return False
-
 
 
 async def test_docs_realtime_js_snippet_follows_a_run(

@@ -239,3 +239,25 @@ async def stored_problem_and_plan(conn: asyncpg.Connection, run_id: str) -> tupl
                 lines=[{"line": n, "rotations": r} for n, r in sorted(rotations.items())],
                 unfilled=meta.get("unfilled") or [])
     return problem, plan
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (a listener's solver children), from /proc."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
