@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 import typer
@@ -88,8 +87,3 @@ def demo(
     from devstack.demo import run_demo
 
     raise typer.Exit(asyncio.run(run_demo(stack.up(), time_limit)))
-
-
-def main() -> None:  # pragma: no cover - console-script shim
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()

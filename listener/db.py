@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from listener.queries import q
 
 LEASE_LOST = "PL001"
-CROSS_TENANT = "PL002"
 
 
 class LeaseLost(Exception):

@@ -7,8 +7,7 @@ restarts PostgreSQL; see tests/chaos/campaign.py.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import asyncpg
 import pytest
@@ -46,11 +45,3 @@ def listener(
                            worker_id="attack-L").start()
     yield proc
     proc.stop_now()
-
-
-ListenerFactory = Callable[..., ListenerProcess]
-
-
-@pytest.fixture
-def log_dir(tmp_path: Path) -> Path:
-    return tmp_path
