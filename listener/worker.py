@@ -76,15 +76,26 @@ def adapt_problem(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _printable(part: object) -> str:
+    """A field name as text; one with control characters (a junk key) shown escaped."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
 def summarise_validation(exc: ValidationError) -> str:
-    """One line a manager can read: the first errors, without pydantic's URLs."""
+    """One line a manager can read: the first errors, without pydantic's URLs.
+
+    Field names come from the input, so they are escaped when they hold line breaks or other
+    control characters: the result is stored as the run's one-line `error`.
+    """
     parts = []
     for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "__root__")
+        loc = ".".join(_printable(p) for p in err.get("loc", ()) if p != "__root__")
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = len(exc.errors()) - 3
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    line = "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    return line.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def plan_lines(problem: Problem, plan: Plan) -> list[dict[str, Any]]:

@@ -109,3 +109,12 @@ def test_settings_refuse_bad_environment(monkeypatch: pytest.MonkeyPatch):
     s = ListenerSettings()  # type: ignore[call-arg]
     assert s.supabase_url == "http://127.0.0.1:1" and s.heartbeat_interval_s == 2
     assert "p@h" not in repr(s), "secrets never appear in reprs or logs"
+
+
+def test_validation_summary_escapes_line_breaks_in_junk_keys():
+    """Found by the loader property: a previous-plan key "\\n" broke the one-line error."""
+    bad = _raw_problem(previous_plan={"\n": None})
+    with pytest.raises(ValidationError) as info:
+        Problem.model_validate(adapt_problem(bad))
+    line = summarise_validation(info.value)
+    assert "\n" not in line and "'\\n'" in line
