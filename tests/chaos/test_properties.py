@@ -112,8 +112,12 @@ async def _insert_rolled_back(db: asyncpg.Connection, org: SeededOrganization,
                            for i, k in enumerate(cols))
             values = [str(v) if k in ("n_job_lines", "attempts", "max_attempts") else v
                       for k, v in cols.items()]
-            await c.execute(f"insert into allocation_planner_runs ({names_}) values ({ph})",
-                            *values)
+            stored = await c.fetchval(
+                f"insert into allocation_planner_runs ({names_}) values ({ph})"
+                " returning max_attempts", *values)
+            # max_attempts is forced from planner_engine.settings (default 3), whatever the
+            # user sent (docs/database.md): a user cannot buy more retries.
+            assert stored == 3, stored
         return "ok"
     except asyncpg.PostgresError as exc:
         assert exc.sqlstate in PRODUCT_STATES, (exc.sqlstate, str(exc), cols)
@@ -171,8 +175,9 @@ async def test_insert_path_refuses_with_product_errors(
             assert not cross
             assert 1 <= full["n_job_lines"] <= 500
             assert set(full["constraints"]) <= set(RULE_SETS)
+            # max_attempts may be sent: the trigger overrides it (checked in the helper).
             assert set(full) <= {"organization_id", "allocation_run_id", "n_job_lines",
-                                 "constraints", "options"}
+                                 "constraints", "options", "max_attempts"}
     assert seen.get("ok", 0) and len(seen) >= 3, seen  # the property explored both sides
 
 
