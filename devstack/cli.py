@@ -28,7 +28,26 @@ def up() -> None:
         _fail(exc)
         return
     typer.echo(f"local stack up: PostgreSQL {s.host}:{s.pg_port}, Realtime {s.supabase_url}")
-    typer.echo("run `eval \"$(planner dev env)\"` to point tools at it")
+    typer.echo(f"versions: {stack.describe_versions(stack.versions(s))}")
+    typer.echo(f"point tools at it with: eval \"$({stack.planner_command()} dev env)\"")
+
+
+@app.command()
+def packages(
+    upgrade: bool = typer.Option(
+        False, "--upgrade",
+        help="Bring every package to apt's newest candidate (what CI does), stopping the "
+             "local stack first when one changes.",
+    ),
+) -> None:
+    """Install the Debian packages the stack runs on (PostgreSQL 15, pg_cron, wal2json)."""
+    try:
+        changed = stack.install_packages(upgrade)
+    except DevStackError as exc:
+        _fail(exc)
+        return
+    verb = "installed" if changed else "already in place"
+    typer.echo(f"Debian packages {verb}: {stack.describe_versions(stack.versions())}")
 
 
 @app.command()
@@ -47,9 +66,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
         return
     pg = st["postgres"]
     rt = st["realtime"]
-    assert isinstance(pg, dict) and isinstance(rt, dict)
+    found = st["versions"]
+    assert isinstance(pg, dict) and isinstance(rt, dict) and isinstance(found, dict)
     typer.echo(f"state dir : {st['state_dir']}")
-    typer.echo(f"postgres  : {'running' if pg['running'] else 'stopped'} (port {pg['port']})")
+    typer.echo(f"versions  : {stack.describe_versions(found)}")
+    running = f"running {pg['server_version']}" if pg["running"] else "stopped"
+    typer.echo(f"postgres  : {running} (port {pg['port']})")
     typer.echo(f"realtime  : {'running' if rt['running'] else 'stopped'} (port {rt['port']})")
 
 

@@ -13,14 +13,17 @@ import pwd
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import psycopg2
 from loguru import logger
 
 from devstack.settings import DevSettings
 
-DEBIAN_PACKAGES = ("postgresql-15", "postgresql-15-cron", "postgresql-15-wal2json")
-PG_LIBDIR = Path("/usr/lib/postgresql/15/lib")
+WAL2JSON = "wal2json"
 
 
 class DevStackError(RuntimeError):
@@ -31,47 +34,78 @@ def _is_root() -> bool:
     return os.geteuid() == 0
 
 
-def apt_command() -> str:
-    return (
-        "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
-        + " ".join(DEBIAN_PACKAGES)
-    )
+def parse_describe_config(text: str) -> dict[str, str]:
+    """`postgres --describe-config` as `{parameter: built-in default}` (tab-separated rows)."""
+    params: dict[str, str] = {}
+    for line in text.splitlines():
+        cols = line.split("\t")
+        if len(cols) >= 5 and cols[0]:
+            params[cols[0]] = cols[4]
+    return params
 
 
-def missing_packages(settings: DevSettings) -> list[str]:
-    """Debian packages whose files are not on this machine."""
-    missing = []
-    if not (settings.pg_bindir / "postgres").exists():
-        missing.append("postgresql-15")
-    if not (PG_LIBDIR / "pg_cron.so").exists():
-        missing.append("postgresql-15-cron")
-    if not (PG_LIBDIR / "wal2json.so").exists():
-        missing.append("postgresql-15-wal2json")
-    return missing
+def plugin_settings(known: Mapping[str, str]) -> dict[str, str]:
+    """What lets replication connections use wal2json on this server binary.
+
+    PostgreSQL 15.19 added `output_plugin_libraries` (default `pgoutput, test_decoding`):
+    replication users may only load the output plugins it names. Servers that know the
+    parameter get their own default plus wal2json; older ones must not see it at all (an
+    unknown parameter stops the server from starting).
+    """
+    if "output_plugin_libraries" not in known:
+        return {}
+    libs = [x.strip() for x in known["output_plugin_libraries"].split(",") if x.strip()]
+    if WAL2JSON not in libs:
+        libs.append(WAL2JSON)
+    return {"output_plugin_libraries": ", ".join(libs)}
 
 
-def ensure_packages(settings: DevSettings) -> None:
-    """Install PostgreSQL 15, pg_cron and wal2json from Debian if any is missing (root only)."""
-    missing = missing_packages(settings)
-    if not missing:
-        return
-    if not _is_root():
-        raise DevStackError(
-            f"missing Debian packages {', '.join(missing)}; install them as root with:\n  "
-            + apt_command()
-        )
-    logger.info("installing Debian packages: {}", " ".join(DEBIAN_PACKAGES))
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", *DEBIAN_PACKAGES],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    still = missing_packages(settings)
-    if still:
-        raise DevStackError(f"apt-get finished but {', '.join(still)} is still missing")
+def cluster_settings(s: DevSettings, known: Mapping[str, str]) -> dict[str, str]:
+    """Every server setting the stack relies on, each as `SHOW` prints it."""
+    return {
+        "listen_addresses": s.host,
+        "port": str(s.pg_port),
+        "unix_socket_directories": str(s.run_dir),
+        "max_connections": "300",
+        "shared_preload_libraries": "pg_cron",
+        "cron.database_name": s.database,
+        "cron.use_background_workers": "on",
+        "max_worker_processes": "32",
+        "wal_level": "logical",
+        "max_replication_slots": "64",
+        "max_wal_senders": "64",
+        **plugin_settings(known),
+        # Development speed over crash safety: a clean (fast) shutdown still loses nothing.
+        "fsync": "off",
+        "full_page_writes": "off",
+        # Stays on: wal2json (and so Realtime) only sees flushed WAL.
+        "synchronous_commit": "on",
+        "log_min_messages": "warning",
+        "log_line_prefix": "%m [%p] %q%u@%d ",
+    }
+
+
+def render_conf(settings: Mapping[str, str]) -> str:
+    lines = ["# Written by `planner dev up`; edits are overwritten."]
+    for name, value in settings.items():
+        quoted = value.replace("'", "''")
+        lines.append(f"{name} = '{quoted}'")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A setting whose effective value is not the one the stack wrote."""
+
+    name: str
+    wanted: str
+    actual: str | None
+    source: str | None
+    pending_restart: bool
+
+    def describe(self) -> str:
+        where = f" (set in {self.source})" if self.source else ""
+        return f"{self.name} is {self.actual!r}{where}, the stack needs {self.wanted!r}"
 
 
 class Cluster:
@@ -165,32 +199,126 @@ class Cluster:
         logger.info("created PostgreSQL cluster in {}", self.s.pgdata)
         return True
 
-    def _write_conf(self) -> None:
-        """(Re)write the settings the stack relies on; picked up at the next start."""
-        conf = f"""# Written by `planner dev up`; edits are overwritten.
-listen_addresses = '{self.s.host}'
-port = {self.s.pg_port}
-unix_socket_directories = '{self.s.run_dir}'
-max_connections = 300
-shared_preload_libraries = 'pg_cron'
-cron.database_name = '{self.s.database}'
-cron.use_background_workers = on
-max_worker_processes = 32
-wal_level = logical
-max_replication_slots = 64
-max_wal_senders = 64
-# Development speed over crash safety: a clean (fast) shutdown still loses nothing.
-# synchronous_commit stays on: wal2json (and so Realtime) only sees flushed WAL.
-fsync = off
-synchronous_commit = on  # logical decoding only sees flushed WAL
-full_page_writes = off
-log_min_messages = warning
-log_line_prefix = '%m [%p] %q%u@%d '
-"""
+    # -- configuration ----------------------------------------------------------------------
+    @cached_property
+    def known_parameters(self) -> dict[str, str]:
+        """The parameters this server binary knows (asked of the binary, not its version)."""
+        res = subprocess.run([self._bin("postgres"), "--describe-config"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise DevStackError(
+                f"{self._bin('postgres')} --describe-config failed: {res.stderr.strip()}")
+        return parse_describe_config(res.stdout)
+
+    @property
+    def wanted_settings(self) -> dict[str, str]:
+        return cluster_settings(self.s, self.known_parameters)
+
+    def _write_conf(self) -> bool:
+        """(Re)write `planner.conf`; True when its content changed. A running server sees the
+        change only after `reconcile()`."""
         target = self.s.pgdata / "planner.conf"
+        conf = render_conf(self.wanted_settings)
+        if target.exists() and target.read_text() == conf:
+            return False
         target.write_text(conf)
         owner = self._owner()
         os.chown(target, owner.pw_uid, owner.pw_gid)
+        return True
+
+    def _query(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        """One statement on a new superuser connection (a new session sees reloaded settings)."""
+        conn = psycopg2.connect(self.s.dsn(), connect_timeout=10)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(sql, args or None)
+                return list(cur.fetchall()) if cur.description else []
+        finally:
+            conn.close()
+
+    def mismatches(self) -> list[Mismatch]:
+        """Settings whose effective value differs from `planner.conf`'s (running server only).
+
+        `postgresql.auto.conf` (ALTER SYSTEM) or a command-line option can override the file.
+        """
+        wanted = self.wanted_settings
+        rows = self._query(
+            "select name, current_setting(name), coalesce(sourcefile, source), pending_restart"
+            " from pg_settings where name = any(%s)",
+            list(wanted),
+        )
+        current = {str(r[0]): r for r in rows}
+        found = []
+        for name, value in wanted.items():
+            row = current.get(name)
+            actual = None if row is None else str(row[1])
+            if actual != value:
+                source = None if row is None or row[2] is None else str(row[2])
+                found.append(Mismatch(name, value, actual, source, bool(row and row[3])))
+        return found
+
+    def overrides(self) -> list[Mismatch]:
+        """Settings another configuration file (`postgresql.auto.conf`, written by ALTER
+        SYSTEM) sets after `planner.conf`, to another value: they win at the next reload even
+        when the running server does not show them yet (`pg_file_settings` reads the files)."""
+        wanted = self.wanted_settings
+        rows = self._query(
+            "select name, setting, sourcefile from pg_file_settings"
+            " where applied and name = any(%s) and sourcefile not like %s",
+            list(wanted), "%/planner.conf",
+        )
+        return [Mismatch(str(name), wanted[str(name)], str(value), str(src), False)
+                for name, value, src in rows if str(value) != wanted[str(name)]]
+
+    def reconcile(self, timeout_s: float = 10.0) -> str | None:
+        """Make a running server use `planner.conf`: reload, and restart when a changed setting
+        needs it. Returns what was done ("reloaded", "restarted") or None when nothing was
+        needed. Raises, naming the setting and where it comes from, when another file overrides
+        it or the effective value still differs afterwards."""
+        self._refuse(self.overrides())
+        if not self.mismatches():
+            return None
+        self._query("select pg_reload_conf()")
+        done = "reloaded"
+        deadline = time.monotonic() + timeout_s
+        left = self.mismatches()
+        # A reload reaches new sessions a moment later; restart-only settings never change.
+        while left and not all(m.pending_restart for m in left) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = self.mismatches()
+        if any(m.pending_restart for m in left):
+            logger.info("restarting PostgreSQL for {}",
+                        ", ".join(m.name for m in left if m.pending_restart))
+            self.restart()
+            done = "restarted"
+            left = self.mismatches()
+        self._refuse(left)
+        return done
+
+    @staticmethod
+    def _refuse(found: list[Mismatch]) -> None:
+        if not found:
+            return
+        worst = found[0]
+        fix = (
+            f"run `ALTER SYSTEM RESET {worst.name}` as the superuser, or `planner dev reset`"
+            if worst.source and worst.source.endswith("postgresql.auto.conf")
+            else "remove that override, or run `planner dev reset` for a new cluster"
+        )
+        raise DevStackError(f"{worst.describe()}; {fix}")
+
+    def binary_version(self) -> str:
+        """`15.20 (Debian 15.20-0+deb12u1)`: the installed server binary's version."""
+        res = subprocess.run([self._bin("postgres"), "--version"], capture_output=True,
+                             text=True, check=True)
+        return res.stdout.strip().removeprefix("postgres (PostgreSQL) ")
+
+    def server_version(self) -> str | None:
+        """The running server's version (may be older than the binary after an upgrade)."""
+        if not self.status():
+            return None
+        return str(self._query("show server_version")[0][0])
 
     def status(self) -> bool:
         """True when the server is running."""
@@ -206,20 +334,26 @@ log_line_prefix = '%m [%p] %q%u@%d '
         """Start the server if it is not running. Returns True when it was started now."""
         if self.status():
             return False
+        self._pg_ctl_start("start")
+        return True
+
+    def restart(self) -> None:
+        self._pg_ctl_start("restart", "-m", "fast")
+
+    def _pg_ctl_start(self, action: str, *extra: str) -> None:
         logfile = self.s.log_dir / "postgres.log"
         res = subprocess.run(
             self._cmd(
-                self._bin("pg_ctl"), "start", "-D", str(self.s.pgdata), "-l", str(logfile),
-                "-w", "-t", "60",
+                self._bin("pg_ctl"), action, "-D", str(self.s.pgdata), "-l", str(logfile),
+                "-w", "-t", "60", *extra,
             ),
             capture_output=True,
             text=True,
         )
         if res.returncode != 0:
             tail = logfile.read_text()[-2000:] if logfile.exists() else ""
-            raise DevStackError(f"PostgreSQL did not start:\n{res.stdout}{res.stderr}\n{tail}")
+            raise DevStackError(f"PostgreSQL did not {action}:\n{res.stdout}{res.stderr}\n{tail}")
         self.wait_ready()
-        return True
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
