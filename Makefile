@@ -1,11 +1,13 @@
 # The two commands a newcomer needs:  `make demo`  and  `make test`.
-# Both bootstrap everything on a fresh machine (uv, virtualenv, Debian packages, npm packages).
+# Both bootstrap everything on a fresh machine: uv, the virtualenv and the Debian packages
+# (scripts/bootstrap.sh; with CI=true it upgrades the packages to apt's newest candidates);
+# `make test` also installs the conformance tests' npm packages (scripts/install-js.sh).
 
 VENV    := .venv
 PLANNER := $(VENV)/bin/planner
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap up down status demo test lint typecheck pytest chaos bench clean
+.PHONY: help bootstrap js up down status demo test lint typecheck pytest chaos bench clean
 
 help:
 	@echo "make demo   - run the main job on the local stack (bootstraps everything)"
@@ -16,6 +18,9 @@ help:
 
 bootstrap:
 	@bash scripts/bootstrap.sh
+
+js:
+	@bash scripts/install-js.sh
 
 up: bootstrap
 	@$(PLANNER) dev up
@@ -35,7 +40,7 @@ lint: bootstrap
 typecheck: bootstrap
 	$(VENV)/bin/mypy
 
-pytest: up
+pytest: up js
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
@@ -44,7 +49,7 @@ bench: up
 	$(VENV)/bin/python bench/solver_bench.py --quick
 
 clean: down
-	rm -rf .devstack .venv .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .devstack .venv .tools .mypy_cache .ruff_cache .pytest_cache
 
 # The fault campaign (docs/reliability.md): a throw-away stack on ports 54349/54350, ~20 min.
 chaos: bootstrap
