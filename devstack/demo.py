@@ -208,12 +208,17 @@ async def _summary(db: asyncpg.Connection, run_id: str, info: dict[str, str]) ->
             " join teams t on t.id = r.team_id where jl.allocation_run_id = $1",
             info["allocation_run_id"]))
     console.print(f"rotations by kind of team: {dict(kinds)}")
+    planner = stack.planner_command()
     console.print(
         "\n[bold]Where it lives[/]\n"
         f"  public.job_lines / public.rotations where allocation_run_id = "
         f"'{info['allocation_run_id']}'\n"
-        f"  planner runs show {run_id}\n  planner runs logs {run_id}\n"
-        f"  planner history list --allocation-run {info['allocation_run_id']}")
+        "[bold]Look at it[/] (these commands work as printed, from this folder)\n"
+        f"  eval \"$({planner} dev env)\"\n"
+        f"  {planner} runs show {run_id}\n"
+        f"  {planner} runs logs {run_id}\n"
+        f"  {planner} history list --allocation-run {info['allocation_run_id']}",
+        soft_wrap=True, highlight=False)
 
 
 async def _restore_previous(db: asyncpg.Connection, run_id: str, info: dict[str, str]) -> None:
@@ -230,7 +235,8 @@ async def _restore_previous(db: asyncpg.Connection, run_id: str, info: dict[str,
         undo = await c.fetchval("select public.restore_job_lines($1)", snap["id"])
     console.print(f"Restored it as the planner {info['planner_email']} "
                   f"(restore_job_lines). The plan it replaced is snapshot {undo}; "
-                  f"`planner history restore {undo}` undoes the restore.")
+                  f"`{stack.planner_command()} history restore {undo}` (after the `eval` "
+                  "above) undoes the restore.", soft_wrap=True, highlight=False)
 
 
 async def run_demo(settings: DevSettings, time_limit_s: float = TIME_LIMIT_S) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,27 @@ def test_demo_twice_plans_then_snapshots_and_restores():
     assert "snapshotted the previous plan" in second.stdout
     assert "Restored it as the planner" in second.stdout
     assert "Listener stopped (exit 0)" in second.stdout
+    run_printed_hints(second.stdout)
+
+
+def run_printed_hints(out: str) -> None:
+    """The demo's follow-up commands work as printed, in a shell without the virtualenv on
+    PATH and without DATABASE_URL, from the folder the demo ran in."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Look at it"))
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        block.append(line.strip())
+    assert block[0] == 'eval "$(.venv/bin/planner dev env)"', block
+    assert all(cmd.startswith(".venv/bin/planner ") for cmd in block[1:]), block
+    undo = re.search(r"`(\S+ history restore [0-9a-f-]{36})`", out)
+    assert undo is not None, out
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["PATH"] = "/usr/bin:/bin"
+    script = "set -e\n" + "\n".join([*block, undo.group(1)])
+    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, f"{script}\n{res.stdout}\n{res.stderr}"
+    assert '"status": "COMPLETED"' in res.stdout and "restored snapshot" in res.stdout
