@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 import urllib.request
 import uuid
 
@@ -129,9 +130,15 @@ async def test_health_and_metrics(
                               constraints=org.suggested_constraints,
                               options={"time_limit_seconds": 1})
     assert (await wait_for_status(db, run_id, TERMINAL, 60))["status"] == "COMPLETED"
+    # The counter moves just after the row's final write: wait for it, bounded.
+    completed = 'planner_runs_total{outcome="COMPLETED"} 1.0'
+    deadline = time.monotonic() + 10
     status, text = await asyncio.to_thread(_get, base + "/metrics")
+    while completed not in text and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        status, text = await asyncio.to_thread(_get, base + "/metrics")
     assert status == 200
-    assert 'planner_runs_total{outcome="COMPLETED"} 1.0' in text
+    assert completed in text
     for name in ("planner_queue_depth", "planner_solve_seconds_bucket",
                  "planner_run_overhead_seconds_count", "planner_realtime_reconnects_total",
                  "planner_log_records_dropped_total", "planner_broadcasts_total"):
