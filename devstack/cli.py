@@ -7,7 +7,7 @@ import shlex
 
 import typer
 
-from devstack import stack
+from devstack import packages, stack
 from devstack.postgres import DevStackError
 
 app = typer.Typer(help="The local stack: PostgreSQL 15 + pg_cron + wal2json + Realtime.",
@@ -28,12 +28,12 @@ def up() -> None:
         _fail(exc)
         return
     typer.echo(f"local stack up: PostgreSQL {s.host}:{s.pg_port}, Realtime {s.supabase_url}")
-    typer.echo(f"versions: {stack.describe_versions(stack.versions(s))}")
+    typer.echo(f"versions: {packages.describe(stack.versions(s))}")
     typer.echo(f"point tools at it with: eval \"$({stack.planner_command()} dev env)\"")
 
 
-@app.command()
-def packages(
+@app.command("packages")
+def install_packages(
     upgrade: bool = typer.Option(
         False, "--upgrade",
         help="Bring every package to apt's newest candidate (what CI does), stopping the "
@@ -47,7 +47,7 @@ def packages(
         _fail(exc)
         return
     verb = "installed" if changed else "already in place"
-    typer.echo(f"Debian packages {verb}: {stack.describe_versions(stack.versions())}")
+    typer.echo(f"Debian packages {verb}: {packages.describe(stack.versions())}")
 
 
 @app.command()
@@ -69,7 +69,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
     found = st["versions"]
     assert isinstance(pg, dict) and isinstance(rt, dict) and isinstance(found, dict)
     typer.echo(f"state dir : {st['state_dir']}")
-    typer.echo(f"versions  : {stack.describe_versions(found)}")
+    typer.echo(f"versions  : {packages.describe(found)}")
     running = f"running {pg['server_version']}" if pg["running"] else "stopped"
     typer.echo(f"postgres  : {running} (port {pg['port']})")
     typer.echo(f"realtime  : {'running' if rt['running'] else 'stopped'} (port {rt['port']})")

@@ -47,11 +47,11 @@ class PackageState:
     candidate: str | None
 
 
-def apt_command(names: list[str] | None = None) -> str:
+def apt_command() -> str:
     """The command a person runs by hand (as root) to get the packages."""
     return (
         "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
-        + " ".join(names or DEBIAN_PACKAGES)
+        + " ".join(DEBIAN_PACKAGES)
     )
 
 
@@ -121,6 +121,11 @@ def installed_versions() -> dict[str, str | None]:
     return versions
 
 
+def describe(versions: dict[str, str | None]) -> str:
+    """`postgresql 15.20-0+deb12u1, pg_cron 1.4.2-2+b1, wal2json 2.5-1+b1`."""
+    return ", ".join(f"{name} {version or 'unknown'}" for name, version in versions.items())
+
+
 def _apt(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     res = subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True)
@@ -158,7 +163,7 @@ def ensure(upgrade: bool = False, before_change: Callable[[], None] | None = Non
     wanted = to_install(query_states(), missing, upgrade)
     if not wanted:
         logger.info("Debian packages are at apt's newest candidate: {}",
-                    ", ".join(f"{k} {v}" for k, v in installed_versions().items()))
+                    describe(installed_versions()))
         return []
     if before_change is not None:
         before_change()
@@ -167,6 +172,5 @@ def ensure(upgrade: bool = False, before_change: Callable[[], None] | None = Non
     still = missing_packages()
     if still:
         raise PackageError(f"apt-get finished but {', '.join(still)} is still missing")
-    logger.info("Debian packages now: {}",
-                ", ".join(f"{k} {v}" for k, v in installed_versions().items()))
+    logger.info("Debian packages now: {}", describe(installed_versions()))
     return wanted

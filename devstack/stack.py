@@ -248,10 +248,6 @@ def versions(settings: DevSettings | None = None) -> dict[str, str | None]:
     return found
 
 
-def describe_versions(found: dict[str, str | None]) -> str:
-    return ", ".join(f"{name} {version or 'unknown'}" for name, version in found.items())
-
-
 def down(settings: DevSettings | None = None) -> None:
     s = settings or DevSettings()
     RealtimeProcess(s).stop()
