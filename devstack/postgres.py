@@ -214,17 +214,16 @@ class Cluster:
     def wanted_settings(self) -> dict[str, str]:
         return cluster_settings(self.s, self.known_parameters)
 
-    def _write_conf(self) -> bool:
-        """(Re)write `planner.conf`; True when its content changed. A running server sees the
-        change only after `reconcile()`."""
+    def _write_conf(self) -> None:
+        """(Re)write `planner.conf` when its content differs. A running server sees the change
+        only after `reconcile()`, which compares effective values rather than files."""
         target = self.s.pgdata / "planner.conf"
         conf = render_conf(self.wanted_settings)
         if target.exists() and target.read_text() == conf:
-            return False
+            return
         target.write_text(conf)
         owner = self._owner()
         os.chown(target, owner.pw_uid, owner.pw_gid)
-        return True
 
     def _query(self, sql: str, *args: object) -> list[tuple[object, ...]]:
         """One statement on a new superuser connection (a new session sees reloaded settings)."""
