@@ -24,11 +24,13 @@ from loguru import logger
 from listener import health, metrics
 from listener.broadcast import Broadcaster
 from listener.db import EngineDB
+from listener.events import Phase, RunStatus, StatusEvent
+from listener.executor import RunExecutor
 from listener.logs import RunLogSink
-from listener.queue import RunQueue
 from listener.realtime_link import RealtimeLink
+from listener.run_queue import RunQueue
 from listener.settings import ListenerSettings
-from listener.worker import RunExecutor
+from listener.solving import ChildProcessSolver
 
 
 class Listener:
@@ -44,7 +46,7 @@ class Listener:
         self.link: RealtimeLink | None = None
         self.log_sink = RunLogSink(capacity=settings.log_buffer)
         self.current_run: uuid.UUID | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # fire-and-forget broadcasts
+        self._tasks: set[asyncio.Task[bool]] = set()  # fire-and-forget broadcasts
         self._resync_timer: asyncio.TimerHandle | None = None
         self._announce_timer: asyncio.TimerHandle | None = None
 
@@ -85,9 +87,8 @@ class Listener:
         for run_id, pos in positions.items():
             if self._announced.get(run_id) != pos:
                 self._announced[run_id] = pos
-                task = asyncio.create_task(
-                    self.bc.status(run_id, "PENDING", "queued", position=pos)
-                )
+                task = asyncio.create_task(self.bc.publish(StatusEvent(
+                    run_id=run_id, status=RunStatus.PENDING, phase=Phase.QUEUED, position=pos)))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         for gone in set(self._announced) - set(positions):
@@ -184,7 +185,7 @@ class Listener:
             self.s.worker_id, self.s.heartbeat_interval_s, self.s.reconcile_interval_s,
             self.s.solver_workers, self.s.solver_memory_mb,
         )
-        executor = RunExecutor(self.db, self.bc, self.s)
+        executor = RunExecutor(self.db, self.bc, ChildProcessSolver(self.s), self.s)
         background = [
             asyncio.create_task(self.link.run(self.stopped), name="realtime"),
             asyncio.create_task(self._catch_up_loop(), name="catch-up"),

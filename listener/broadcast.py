@@ -19,6 +19,8 @@ import httpx
 from loguru import logger
 
 from listener import metrics
+from listener.events import ProgressEvent, UiEvent
+from listener.ports import EventSink
 
 
 def topic(run_id: uuid.UUID) -> str:
@@ -60,23 +62,23 @@ class Broadcaster:
         metrics.BROADCASTS.labels(event=event).inc()
         return True
 
-    async def status(self, run_id: uuid.UUID, status: str, phase: str, **extra: Any) -> None:
-        await self.send(run_id, "status", {"run_id": str(run_id), "status": status,
-                                           "phase": phase, **extra})
+    async def publish(self, event: UiEvent) -> bool:
+        """Send one UI event (listener.events) on its run's topic."""
+        return await self.send(event.run_id, event.event, event.payload())
 
 
 class ProgressThrottle:
     """Keeps the newest progress figures and sends them at most once per interval."""
 
-    def __init__(self, broadcaster: Broadcaster, run_id: uuid.UUID, interval: float) -> None:
-        self._b = broadcaster
+    def __init__(self, sink: EventSink, run_id: uuid.UUID, interval: float) -> None:
+        self._sink = sink
         self._run_id = run_id
         self._interval = interval
-        self._latest: dict[str, Any] | None = None
+        self._latest: ProgressEvent | None = None
         self._last_sent = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    def update(self, payload: dict[str, Any]) -> None:
+    def update(self, payload: ProgressEvent) -> None:
         self._latest = payload
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._flush_soon())
@@ -88,7 +90,7 @@ class ProgressThrottle:
         payload, self._latest = self._latest, None
         if payload is not None:
             self._last_sent = time.monotonic()
-            await self._b.send(self._run_id, "progress", payload)
+            await self._sink.publish(payload)
 
     async def close(self) -> None:
         """Send what is pending now (the last figures matter most)."""
@@ -98,4 +100,4 @@ class ProgressThrottle:
                 await self._task
         if self._latest is not None:
             payload, self._latest = self._latest, None
-            await self._b.send(self._run_id, "progress", payload)
+            await self._sink.publish(payload)

@@ -13,31 +13,15 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from pydantic import BaseModel
 
+from listener.events import ResultMetadata, RunStatus
+from listener.ports import Beat, ClaimedRun, LeaseLost
 from listener.queries import q
+from solver.problem import PlanLine
+
+__all__ = ["LEASE_LOST", "Beat", "ClaimedRun", "EngineDB", "LeaseLost"]
 
 LEASE_LOST = "PL001"
-
-
-class LeaseLost(Exception):
-    """The run is no longer ours (swept, re-queued or finished elsewhere): write nothing."""
-
-
-class ClaimedRun(BaseModel):
-    id: uuid.UUID
-    organization_id: uuid.UUID
-    allocation_run_id: uuid.UUID
-    n_job_lines: int
-    attempts: int
-    max_attempts: int
-    lease: uuid.UUID
-    created_at: datetime
-
-
-class Beat(BaseModel):
-    lease_held: bool
-    cancel_requested: bool
 
 
 def _json(value: Any) -> str:
@@ -45,7 +29,7 @@ def _json(value: Any) -> str:
 
 
 class EngineDB:
-    """A small pool of connections as the `planner_engine` role."""
+    """A small pool of connections as the `planner_engine` role (the `RunStore` adapter)."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -89,13 +73,14 @@ class EngineDB:
     async def commit_plan(
         self,
         run: ClaimedRun,
-        lines: Sequence[dict[str, Any]],
-        result_metadata: dict[str, Any],
+        lines: Sequence[PlanLine],
+        result_metadata: ResultMetadata,
     ) -> uuid.UUID | None:
         try:
             snap = await self.pool.fetchval(
                 q("commit_plan"), run.id, run.lease, run.organization_id,
-                _json({"lines": list(lines)}), _json(result_metadata),
+                _json({"lines": [ln.model_dump(mode="json") for ln in lines]}),
+                result_metadata.model_dump_json(),
             )
         except asyncpg.PostgresError as exc:
             _raise_lease_lost(exc)
@@ -105,14 +90,14 @@ class EngineDB:
     async def finish(
         self,
         run: ClaimedRun,
-        status: str,
+        status: RunStatus,
         error: str | None = None,
-        result_metadata: dict[str, Any] | None = None,
+        result_metadata: ResultMetadata | None = None,
     ) -> None:
         try:
             await self.pool.execute(
-                q("finish_run"), run.id, run.lease, status, error,
-                _json(result_metadata) if result_metadata is not None else None,
+                q("finish_run"), run.id, run.lease, status.value, error,
+                result_metadata.model_dump_json() if result_metadata is not None else None,
             )
         except asyncpg.PostgresError as exc:
             _raise_lease_lost(exc)

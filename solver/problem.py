@@ -187,10 +187,22 @@ class Problem(_Strict):
         """(team, term) -> demand row."""
         return {(d.team, d.term): d for d in self.demand}
 
+    def kept_pins(self, line: int, rotations: dict[str, str]) -> list[str]:
+        """The previous plan's pins on `line` that `rotations` keeps (none if pins are off)."""
+        if self.previous_plan is None or not self.options.keep_pinned:
+            return []
+        prev = next((p for p in self.previous_plan.lines if p.line == line), None)
+        if prev is None:
+            return []
+        return [t for t in prev.pinned if rotations.get(t) == prev.rotations[t]]
+
 
 class PlanLine(BaseModel):
     line: int
     rotations: dict[str, str]
+    #: terms whose rotation is a pin kept from the previous plan, so the next replan keeps
+    #: them too (`commit_plan` stores them on the rotations).
+    pinned: list[str] = Field(default_factory=list)
 
 
 class Unfilled(BaseModel):

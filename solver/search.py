@@ -345,11 +345,11 @@ def solve(
     objective = float(sum(lm.weights[k] * v for k, v in _tier_totals(tiers).items()))
     bound = objective if status == "OPTIMAL" else min(objective, callback.bound or 0.0)
     callback.final(objective, bound)
-    lines = [
-        PlanLine(line=ln + 1, rotations={problem.terms[t].id: problem.teams[k].id
-                                         for t, k in enumerate(row)})
-        for ln, row in enumerate(rows)
-    ]
+    lines = []
+    for ln, row in enumerate(rows):
+        rotations = {problem.terms[t].id: problem.teams[k].id for t, k in enumerate(row)}
+        lines.append(PlanLine(line=ln + 1, rotations=rotations,
+                              pinned=problem.kept_pins(ln + 1, rotations)))
     unfilled_map = unfilled_of(problem, [pl.rotations for pl in lines])
     penalties: dict[str, float | int] = dict(tiers)
     for tier, weight in lm.weights.items():

@@ -190,6 +190,15 @@ def validate_plan(problem: Problem, plan: Plan) -> list[str]:
                 if got != prev.rotations[term]:
                     out.append(f"line {prev.line}: pinned {term}={prev.rotations[term]} "
                                f"not kept (got {got})")
+    prev_lines = {p.line: p for p in problem.previous_plan.lines} if (
+        problem.previous_plan is not None and problem.options.keep_pinned) else {}
+    for pl in plan.lines:
+        before = prev_lines.get(pl.line)
+        kept = [] if before is None else sorted(
+            t for t in before.pinned if pl.rotations.get(t) == before.rotations[t])
+        if sorted(pl.pinned) != kept:
+            out.append(f"line {pl.line}: carries pins {sorted(pl.pinned)}, "
+                       f"but the kept pins are {kept}")
     changed = changed_cells_of(problem, by_number)
     if changed != plan.changed_cells:
         out.append(f"reported changed_cells {plan.changed_cells} differ from actual {changed}")

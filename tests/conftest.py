@@ -21,6 +21,15 @@ if os.environ.get("CI"):
     hypothesis_settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the real local stack `stack` (it asks for `dev_settings`,
+    directly or through another fixture, or its module is marked), so `make test-fast` can
+    leave them out: `pytest -m "not stack"`. Nothing is ever skipped: `make test` runs all."""
+    for item in items:
+        if "dev_settings" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.stack)
+
+
 @pytest.fixture(scope="session")
 def dev_settings() -> Iterator[DevSettings]:
     """The developer's local stack, started if needed (and left running, like `make up`)."""

@@ -16,7 +16,7 @@ import pytest
 
 from tests.chaos.campaign import QUICK_REPS, SCENARIOS, Campaign, ChaosStack, Result
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.stack]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from devstack.seed import SeededOrganization
-from listener.worker import adapt_problem, summarise_validation
+from listener.executor import summarise_validation
 from solver import Problem
 from solver.generate import generate
 from solver.rules import RULE_SETS
@@ -80,9 +80,9 @@ def junk_problem(draw: st.DrawFn) -> dict[str, Any]:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(junk_problem())
 def test_loader_gives_a_problem_or_a_readable_error(raw: dict[str, Any]) -> None:
-    """What the listener does with load_problem's output: adapt, then validate."""
+    """What the listener does with load_problem's output: validate it as it is."""
     try:
-        problem = Problem.model_validate(adapt_problem(raw))
+        problem = Problem.model_validate(raw)
     except ValidationError as exc:
         reason = summarise_validation(exc)
         assert reason and "\n" not in reason and len(reason) < 20_000

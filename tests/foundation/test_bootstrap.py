@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DEBIAN_PATH = "/usr/bin:/bin"
+# Starts real components of its own (PostgreSQL, apt, uv): part of `make test` only.
+pytestmark = pytest.mark.stack
 
 
 def checkout_copy(dest: Path) -> Path:

@@ -28,6 +28,8 @@ from listener.migrate import discover
 
 PLANNER = str(Path(sys.executable).with_name("planner"))
 SIDE_DSN = "postgresql://postgres:postgres@127.0.0.1:54339/postgres"
+# Starts real components of its own (PostgreSQL, apt, uv): part of `make test` only.
+pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")

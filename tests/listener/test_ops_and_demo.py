@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from devstack.seed import SeededOrganization
 from tests.listener.conftest import ListenerFactory
@@ -87,6 +88,7 @@ async def test_cancel_command_on_a_pending_run(
     assert "Cancelled" in logs
 
 
+@pytest.mark.stack  # `planner demo` starts the local stack itself
 def test_demo_twice_plans_then_snapshots_and_restores():
     """`planner demo` (what `make demo` runs) on the developer's stack: the first call may
     be the demo organisation's first plan; the second always replaces a plan, so it shows

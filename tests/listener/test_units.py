@@ -1,4 +1,4 @@
-"""The listener's pure parts: queue order, the DB-to-solver bridge, pins carried to the plan."""
+"""The listener's pure parts: queue order, named queries, readable validation errors, settings."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
+from listener.executor import summarise_validation
 from listener.queries import queries
-from listener.queue import RunQueue
+from listener.run_queue import RunQueue
 from listener.settings import ListenerSettings
-from listener.worker import adapt_problem, plan_lines, summarise_validation
-from solver import Plan, Problem
+from solver import Problem
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -41,8 +41,8 @@ def _raw_problem(**over: object) -> dict[str, object]:
         "terms": [{"id": "t1", "name": "Term 1", "weeks": 10},
                   {"id": "t2", "name": "Term 2", "weeks": 10}],
         "teams": [
-            {"id": "a", "name": "Gen Med", "specialty": "medicine", "subspecialty": "",
-             "kind": "clinical", "experiences": ["A"], "site": "", "rural": False, "tags": []},
+            {"id": "a", "name": "Gen Med", "specialty": "medicine", "subspecialty": "medicine",
+             "kind": "clinical", "experiences": ["A"], "site": None, "rural": False, "tags": []},
             {"id": "b", "name": "Surgery", "specialty": "surgery", "subspecialty": "general",
              "kind": "clinical", "experiences": ["B"], "site": "MMC", "rural": False, "tags": []},
         ],
@@ -54,42 +54,28 @@ def _raw_problem(**over: object) -> dict[str, object]:
         "rule_sets": [],
         "previous_plan": {"lines": [
             {"line": 1, "rotations": {"t1": "a", "t2": "b"}, "pinned": ["t1"]},
-            {"line": 3, "rotations": {"t1": "b", "t2": "a"}, "pinned": []},
         ]},
-        "options": None,
+        "options": {},
     }
     raw.update(over)
     return raw
 
 
-def test_adapt_problem_bridges_database_rows_to_the_strict_model():
-    problem = Problem.model_validate(adapt_problem(_raw_problem()))
-    gen_med = problem.team("a")
-    assert gen_med.subspecialty == "medicine" and gen_med.site is None
-    assert problem.previous_plan is not None
-    # Line 3 is beyond the 2 lines asked for: dropped, not an error.
-    assert [ln.line for ln in problem.previous_plan.lines] == [1]
-    assert problem.options.keep_pinned, "no options means the documented defaults"
+def test_load_problem_shape_is_the_solver_problem_as_is():
+    """What load_problem returns (tests/db checks the SQL side) needs no adapting."""
+    problem = Problem.model_validate(_raw_problem())
+    assert problem.team("a").site is None and problem.options.keep_pinned
     with pytest.raises(ValidationError, match="bogus"):
-        Problem.model_validate(adapt_problem(_raw_problem(options={"bogus": 1})))
-
-
-def test_plan_lines_carry_the_pins_that_were_kept():
-    problem = Problem.model_validate(adapt_problem(_raw_problem()))
-    plan = Plan(status="OPTIMAL", lines=[
-        {"line": 1, "rotations": {"t1": "a", "t2": "b"}},
-        {"line": 2, "rotations": {"t1": "b", "t2": "a"}},
-    ])
-    assert plan_lines(problem, plan) == [
-        {"line": 1, "rotations": {"t1": "a", "t2": "b"}, "pinned": ["t1"]},
-        {"line": 2, "rotations": {"t1": "b", "t2": "a"}, "pinned": []},
-    ]
+        Problem.model_validate(_raw_problem(options={"bogus": 1}))
+    with pytest.raises(ValidationError, match="beyond n_job_lines"):
+        Problem.model_validate(_raw_problem(previous_plan={"lines": [
+            {"line": 3, "rotations": {"t1": "b", "t2": "a"}, "pinned": []}]}))
 
 
 def test_validation_summary_is_one_readable_line():
     bad = _raw_problem(rule_sets=["NOPE"], n_job_lines=0)
     with pytest.raises(ValidationError) as info:
-        Problem.model_validate(adapt_problem(bad))
+        Problem.model_validate(bad)
     line = summarise_validation(info.value)
     assert "\n" not in line and "n_job_lines" in line
     assert "https://" not in line
@@ -115,6 +101,6 @@ def test_validation_summary_escapes_line_breaks_in_junk_keys():
     """Found by the loader property: a previous-plan key "\\n" broke the one-line error."""
     bad = _raw_problem(previous_plan={"\n": None})
     with pytest.raises(ValidationError) as info:
-        Problem.model_validate(adapt_problem(bad))
+        Problem.model_validate(bad)
     line = summarise_validation(info.value)
     assert "\n" not in line and "'\\n'" in line

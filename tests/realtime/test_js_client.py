@@ -18,6 +18,7 @@ from tests.support.realtime import RealtimeServer
 pytestmark = [pytest.mark.timeout(90)]
 
 
+@pytest.mark.stack  # the npm packages come with `make test` (scripts/install-js.sh)
 def test_realtime_js_is_installed():
     """`make test` installs the pinned realtime-js (scripts/bootstrap.sh); without it this
     file would prove nothing, so its absence is a failure, never a skip."""

@@ -91,6 +91,12 @@ def test_pins_are_kept() -> None:
     assert plan.lines[2].rotations["T1"] == l1["T1"]
     assert plan.lines[2].rotations["T2"] == l1["T2"]
     assert plan.lines[0].rotations["T1"] == l3["T1"]
+    # The plan carries the pins it kept, so the next replan (and commit_plan) keeps them too.
+    assert [pl.pinned for pl in plan.lines[:3]] == [["T1"], [], ["T1", "T2"]]
+    assert all(pl.pinned == [] for pl in plan.lines[3:])
+    data["options"]["keep_pinned"] = False
+    free = _solve_valid(Problem.model_validate(data))
+    assert all(pl.pinned == [] for pl in free.lines), "pins off: nothing is carried"
 
 
 def _replan(p: Problem, plan: Plan, stability: str) -> tuple[Problem, Plan]:

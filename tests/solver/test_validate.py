@@ -107,3 +107,19 @@ def test_plans_without_lines() -> None:
     p = _p()
     assert validate_plan(p, Plan(status="INFEASIBLE", explanation=["x"])) == []
     assert validate_plan(p, Plan(status="OPTIMAL")) == ["status OPTIMAL but the plan has no lines"]
+
+
+def test_the_pins_a_plan_carries_must_be_the_kept_ones() -> None:
+    data = problem_dict(n=1)
+    data["previous_plan"] = {"lines": [{"line": 1, "rotations": {"T1": "GMED", "T2": "GSUR"},
+                                        "pinned": ["T1"]}]}
+    p = Problem.model_validate(data)
+    row = ["GMED", "GSUR", "EMED", "PSYC", "ORTH"]
+    silent = plan_of(p, [row], changed_cells=0)
+    assert "line 1: carries pins [], but the kept pins are ['T1']" in validate_plan(p, silent)
+    honest = silent.model_copy(update={"lines": [
+        silent.lines[0].model_copy(update={"pinned": ["T1"]})]})
+    assert not [v for v in validate_plan(p, honest) if "pins" in v]
+    invented = silent.model_copy(update={"lines": [
+        silent.lines[0].model_copy(update={"pinned": ["T1", "T2"]})]})
+    assert any("carries pins ['T1', 'T2']" in v for v in validate_plan(p, invented))
