@@ -18,9 +18,10 @@ import sys
 import tomllib
 import zipfile
 from collections.abc import Iterator
-from importlib.metadata import EntryPoint
+from importlib.metadata import EntryPoint, packages_distributions
 from pathlib import Path
 
+import grimp
 import pytest
 import typer
 
@@ -195,6 +196,33 @@ def test_installing_devstack_adds_its_commands(clean_venv: Path, wheels: dict[st
     env = run_in(clean_venv, "planner", "dev", "env")
     assert env.returncode == 0 and "export DATABASE_URL=" in env.stdout, env
     assert " demo " in run_in(clean_venv, "planner", "--help").stdout
+
+
+def imported_distributions(*packages: str) -> set[str]:
+    """The distributions whose modules `packages` import (stdlib left out), from the same
+    import graph lint-imports reads; the engine's own packages count as `planner-engine`."""
+    graph = grimp.build_graph(*packages, include_external_packages=True)
+    owners = packages_distributions() | {"listener": ["planner-engine"],
+                                         "solver": ["planner-engine"]}
+    found: set[str] = set()
+    for module in graph.modules:
+        top = module.split(".")[0]
+        if top in packages or top in sys.stdlib_module_names:
+            continue
+        assert top in owners, f"{top} is imported by {packages} but installed by nothing"
+        found |= {requirement_name(d) for d in owners[top]}
+    return found
+
+
+@pytest.mark.parametrize("packages, pyproject", [
+    (("listener", "solver"), "pyproject.toml"),
+    (("devstack",), "devstack/pyproject.toml"),
+])
+def test_each_part_declares_exactly_what_it_imports(packages: tuple[str, ...], pyproject: str):
+    """No dependency is declared for nothing, none is used without being declared (a
+    transitive one can vanish with an upgrade of what brings it)."""
+    declared = tomllib.loads((REPO / pyproject).read_text())["project"]["dependencies"]
+    assert imported_distributions(*packages) == {requirement_name(d) for d in declared}
 
 
 def contract_names() -> list[str]:
