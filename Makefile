@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - run the main job on the local stack (bootstraps everything)"
-	@echo "make test   - ruff + mypy + the whole test suite against the real local stack"
+	@echo "make test   - ruff + import contracts + mypy + the whole test suite on the real local stack"
 	@echo "make up     - start the local stack (PostgreSQL 15 + pg_cron + wal2json + Realtime)"
 	@echo "make down   - stop the local stack (data kept)"
 	@echo "make bench  - print the benchmark tables"
@@ -34,8 +34,10 @@ status: bootstrap
 demo: up
 	@$(PLANNER) demo
 
+# Ruff, then the import contracts of pyproject.toml: the engine never imports devstack.
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-logo
 
 typecheck: bootstrap
 	$(VENV)/bin/mypy
@@ -49,7 +51,7 @@ bench: up
 	$(VENV)/bin/python bench/solver_bench.py --quick
 
 clean: down
-	rm -rf .devstack .venv .tools .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .devstack .venv .tools .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
 
 # The fault campaign (docs/reliability.md): a throw-away stack on ports 54349/54350, ~20 min.
 chaos: bootstrap

@@ -1,7 +1,12 @@
-"""`planner dev ...`: manage the local stand-in for a Supabase project."""
+"""`planner dev ...` and `planner demo`: the local stand-in for a Supabase project.
+
+They reach the engine's `planner` command as a plugin: devstack/pyproject.toml declares
+`register` below in the entry-point group `planner.commands`, which listener/cli.py loads.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 
@@ -12,6 +17,21 @@ from devstack.postgres import DevStackError
 
 app = typer.Typer(help="The local stack: PostgreSQL 15 + pg_cron + wal2json + Realtime.",
                   no_args_is_help=True)
+
+
+def register(planner: typer.Typer) -> None:
+    """Entry point of the group `planner.commands`: add `dev ...` and `demo` to `planner`."""
+    planner.add_typer(app, name="dev")
+    planner.command("demo")(demo)
+
+
+def demo(
+    time_limit: float = typer.Option(15.0, "--time-limit", min=1, help="Solver time limit (s)."),
+) -> None:
+    """The product on the local stack, as a manager sees it (what `make demo` runs)."""
+    from devstack.demo import run_demo
+
+    raise typer.Exit(asyncio.run(run_demo(stack.up(), time_limit)))
 
 
 def _fail(exc: Exception) -> None:

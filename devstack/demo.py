@@ -36,9 +36,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from devstack import keys, stack
-from devstack.postgrest import acting_as
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
+from listener.roles import acting_as
 
 console = Console()
 DEMO_ORG = "Demo Health"

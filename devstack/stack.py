@@ -26,6 +26,7 @@ from devstack import keys, packages
 from devstack.postgres import Cluster, DevStackError
 from devstack.settings import DevSettings
 from listener import migrate
+from listener.ops import planner_command as planner_command  # hints of dev up and the demo
 
 SCAFFOLDING_SQL = Path(__file__).resolve().parent / "sql" / "supabase_scaffolding.sql"
 
@@ -282,15 +283,6 @@ def status(settings: DevSettings | None = None) -> dict[str, object]:
         },
         "realtime": {"running": rt.pid() is not None and rt.healthy(), "port": s.realtime_port},
     }
-
-
-def planner_command() -> str:
-    """How to type this `planner` from the current folder: `.venv/bin/planner` from the
-    checkout (hints must work as printed, without an activated virtualenv)."""
-    exe = Path(sys.executable).with_name("planner")
-    with contextlib.suppress(ValueError):
-        return str(exe.relative_to(Path.cwd()))
-    return str(exe)
 
 
 def env(settings: DevSettings | None = None) -> dict[str, str]:

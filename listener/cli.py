@@ -1,27 +1,93 @@
-"""The `planner` command: one entry point for operators, developers and the Procfile."""
+"""The `planner` command: one entry point for operators, developers and the Procfile.
+
+The engine's own commands are defined here and in `listener.ops` / `solver.cli`. Other
+installed packages add theirs through the entry-point group `planner.commands`: each entry
+point names a `register(app)` function that adds sub-commands to this Typer app. The dev
+stand-in (`planner-devstack`, devstack/pyproject.toml) adds `planner dev ...` and
+`planner demo` that way, so this module never imports it and a production install, which does
+not have it, loads none of it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 import typer
 from loguru import logger
 
-from devstack.cli import app as dev_app
 from listener import migrate as migrations
-from listener.ops import history_app, runs_app
+from listener.ops import history_app, require_database_url, runs_app
 from solver.cli import register as register_solver
+
+PLUGIN_GROUP = "planner.commands"
+# Commands the dev stand-in adds; without it they explain how to get them instead of
+# "No such command".
+DEV_COMMANDS = ("dev", "demo")
+DEV_MISSING = (
+    "error: `planner {name}` comes with the dev stand-in (package planner-devstack), which is "
+    "not installed: run `uv sync` (or scripts/bootstrap.sh) in a checkout of the repository"
+)
 
 app = typer.Typer(
     help="Planner engine: job lines from CP-SAT, driven by Supabase Realtime.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-app.add_typer(dev_app, name="dev")
 app.add_typer(runs_app, name="runs")
 app.add_typer(history_app, name="history")
 register_solver(app)
+
+
+def command_names(target: typer.Typer) -> set[str]:
+    """The names `target` answers to (its commands and sub-apps), as Typer will spell them."""
+    names = {info.name for info in target.registered_groups if info.name}
+    for cmd in target.registered_commands:
+        if cmd.name:
+            names.add(cmd.name)
+        elif cmd.callback is not None:
+            names.add(cmd.callback.__name__.lower().replace("_", "-"))
+    return names
+
+
+def load_plugins(target: typer.Typer, group: str = PLUGIN_GROUP) -> list[str]:
+    """Let every installed `group` entry point register its sub-commands on `target`.
+
+    A plugin that fails to load costs one line on stderr, not the engine's commands: the
+    Procfile's `planner listen` must start whatever else is installed. Returns the names of
+    the plugins registered.
+    """
+    loaded: list[str] = []
+    for ep in entry_points(group=group):
+        try:
+            register: Callable[[typer.Typer], None] = ep.load()
+            register(target)
+        except Exception as exc:  # any failure of foreign code; reported, then skipped
+            typer.secho(f"warning: planner plugin {ep.name} ({ep.value}) not loaded: "
+                        f"{type(exc).__name__}: {exc}", fg=typer.colors.YELLOW, err=True)
+            continue
+        loaded.append(ep.name)
+    return loaded
+
+
+def add_missing_dev_commands(target: typer.Typer) -> None:
+    """Hidden stand-ins for `planner dev ...` / `planner demo` when no plugin added them:
+    whatever follows, they print one line naming the fix and exit 1."""
+    present = command_names(target)
+    for name in DEV_COMMANDS:
+        if name in present:
+            continue
+
+        def missing(ctx: typer.Context, _name: str = name) -> None:
+            typer.secho(DEV_MISSING.format(name=_name), fg=typer.colors.RED, err=True)
+            raise typer.Exit(1)
+
+        target.command(
+            name, hidden=True, add_help_option=False,
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        )(missing)
 
 
 @app.callback()
@@ -35,16 +101,13 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 def migrate(
     database_url: str = typer.Option(
         None, "--database-url", envvar="DATABASE_URL",
-        help="Target database (default: $DATABASE_URL, else the local stack).",
+        help="Target database (required: --database-url or $DATABASE_URL).",
     ),
 ) -> None:
     """Apply pending migrations to any database, a hosted Supabase project included."""
-    if database_url is None:
-        from devstack.settings import DevSettings
-
-        database_url = DevSettings().dsn()
+    dsn = require_database_url(database_url)
     try:
-        done = asyncio.run(migrations.migrate(database_url))
+        done = asyncio.run(migrations.migrate(dsn))
     except migrations.MigrationError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
@@ -77,12 +140,6 @@ def listen() -> None:
     raise typer.Exit(asyncio.run(Listener(settings).run()))
 
 
-@app.command()
-def demo(
-    time_limit: float = typer.Option(15.0, "--time-limit", min=1, help="Solver time limit (s)."),
-) -> None:
-    """The product on the local stack, as a manager sees it (what `make demo` runs)."""
-    from devstack import stack
-    from devstack.demo import run_demo
-
-    raise typer.Exit(asyncio.run(run_demo(stack.up(), time_limit)))
+# Last, so that the engine's own commands are in place before any plugin sees the app.
+load_plugins(app)
+add_missing_dev_commands(app)

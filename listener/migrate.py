@@ -17,7 +17,10 @@ from pathlib import Path
 import asyncpg
 from loguru import logger
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The .sql files are package data of the engine: the wheel ships them as listener/migrations/
+# (pyproject.toml); a checkout (editable install) reads the top-level migrations/ folder.
+_PACKAGED = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS_DIR = _PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "migrations"
 _NAME = re.compile(r"^(?P<version>\d{14})_(?P<name>[A-Za-z0-9_\-]+)\.sql$")
 # Any fixed 64-bit number: serialises concurrent runners on one database.
 _LOCK_KEY = 0x706C616E6E6572

@@ -1,16 +1,20 @@
 """Operator commands: `planner runs ...` and `planner history ...`.
 
-They connect with `DATABASE_URL` (an operator's connection, the local superuser by default) and
-act through the same functions the UI uses, as `service_role`, so an operator's cancel or
-restore goes through exactly the checks and logging a manager's would.
+They connect with `--database-url` or `DATABASE_URL` (an operator's connection; there is no
+default, so a production command never lands on a local database by accident) and act through
+the same functions the UI uses, as `service_role`, so an operator's cancel or restore goes
+through exactly the checks and logging a manager's would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -18,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from devstack.postgrest import acting_as
+from listener.roles import acting_as
 
 runs_app = typer.Typer(help="Inspect and cancel planner runs.", no_args_is_help=True)
 history_app = typer.Typer(help="List and restore job line snapshots.", no_args_is_help=True)
@@ -27,22 +31,40 @@ T = TypeVar("T")
 
 DbOption = typer.Option(
     None, "--database-url", envvar="DATABASE_URL",
-    help="Operator connection (default: $DATABASE_URL, else the local stack).",
+    help="Operator connection (required: --database-url or $DATABASE_URL).",
 )
 
 
-def _dsn(database_url: str | None) -> str:
+def planner_command() -> str:
+    """How to type this `planner` from the current folder: `.venv/bin/planner` from the
+    checkout (hints must work as printed, without an activated virtualenv)."""
+    exe = Path(sys.executable).with_name("planner")
+    with contextlib.suppress(ValueError):
+        return str(exe.relative_to(Path.cwd()))
+    return str(exe)
+
+
+def require_database_url(database_url: str | None) -> str:
+    """The database a production command works on: given explicitly, never guessed.
+
+    Missing, it stops with one line naming both fixes (exit 2, a usage error).
+    """
     if database_url:
         return database_url
-    from devstack.settings import DevSettings
-
-    return DevSettings().dsn()
+    typer.secho(
+        "error: no database given: set DATABASE_URL or pass --database-url "
+        f'(local stack: eval "$({planner_command()} dev env)")',
+        fg=typer.colors.RED, err=True,
+    )
+    raise typer.Exit(2)
 
 
 def _run(database_url: str | None, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    dsn = require_database_url(database_url)
+
     async def go() -> T:
         try:
-            conn = await asyncpg.connect(_dsn(database_url))
+            conn = await asyncpg.connect(dsn)
         except (OSError, asyncpg.PostgresError) as exc:
             console.print(f"[red]error:[/] cannot reach the database: {exc}")
             raise typer.Exit(1) from None

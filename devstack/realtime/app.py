@@ -19,11 +19,11 @@ from loguru import logger
 
 from devstack.realtime.auth import AuthError, Identity, TokenVerifier
 from devstack.realtime.changes import ChangeDispatcher
+from devstack.realtime.connection import Connection
 from devstack.realtime.database import Database
 from devstack.realtime.hub import Hub
 from devstack.realtime.replication import ReplicationStream
 from devstack.realtime.serializer import ENCODING_BINARY, UserBroadcast, serializer_for
-from devstack.realtime.socket import Connection
 
 MAX_FRAME_BYTES = 5_000_000
 

@@ -16,7 +16,7 @@ from devstack.realtime.auth import Identity
 from devstack.realtime.serializer import Message
 
 if TYPE_CHECKING:
-    from devstack.realtime.socket import Connection
+    from devstack.realtime.connection import Connection
 
 
 def flexible_bool(value: Any, default: bool = False) -> bool:

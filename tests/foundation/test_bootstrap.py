@@ -65,9 +65,12 @@ def test_bootstrap_on_debian_python_installs_uv_into_a_tool_virtualenv(tmp_path:
     # .venv is built on Debian's interpreter, and the CLI runs.
     cfg = (repo / ".venv/pyvenv.cfg").read_text()
     assert "home = /usr/bin" in cfg, cfg
-    cli = subprocess.run([str(repo / ".venv/bin/planner"), "--help"], capture_output=True,
-                         text=True, env=debian_env(), timeout=120)
-    assert cli.returncode == 0 and "dev" in cli.stdout
+    # Both parts are installed: the engine's commands and the dev stand-in's plugin.
+    for args, shown in ((["--help"], " dev "), (["dev", "--help"], " up "),
+                        (["listen", "--help"], "Procfile")):
+        cli = subprocess.run([str(repo / ".venv/bin/planner"), *args], capture_output=True,
+                             text=True, env=debian_env(), timeout=120)
+        assert cli.returncode == 0 and shown in cli.stdout, (args, cli.stdout, cli.stderr)
     # A second run reuses the tool virtualenv and is quiet about uv.
     again = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=repo, env=debian_env(),
                            capture_output=True, text=True, timeout=300)

@@ -30,6 +30,22 @@ def planner(
     return res
 
 
+def test_operator_commands_need_an_explicit_database(tmp_path: Path):
+    """No DATABASE_URL and no --database-url: one line naming both fixes, never the local
+    superuser by default (a production command must not land on the wrong database). Run
+    outside the checkout, the hint names the command by its absolute path."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    nobody = "00000000-0000-0000-0000-000000000000"
+    for args in (["migrate"], ["runs", "list"], ["runs", "cancel", nobody], ["history", "list"]):
+        res = subprocess.run([PLANNER, *args], capture_output=True, text=True, timeout=60,
+                             env=env, cwd=tmp_path)
+        assert res.returncode == 2, (args, res.stdout, res.stderr)
+        assert res.stderr.splitlines() == [
+            "error: no database given: set DATABASE_URL or pass --database-url "
+            f'(local stack: eval "$({PLANNER} dev env)")'
+        ], args
+
+
 async def test_runs_and_history_commands(
     db: asyncpg.Connection, db_url: str, orgs: list[SeededOrganization],
     listeners: ListenerFactory,

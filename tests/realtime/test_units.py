@@ -107,16 +107,3 @@ def test_token_checks() -> None:
         with pytest.raises(AuthError) as err:
             v.verify(token)
         assert text in err.value.message
-
-
-def test_listener_never_imports_the_local_server() -> None:
-    """Production code talks to Realtime over the network only (hosted or local alike)."""
-    from devstack.settings import REPO_ROOT
-
-    offenders = [
-        str(path.relative_to(REPO_ROOT))
-        for folder in ("listener", "solver")
-        for path in (REPO_ROOT / folder).rglob("*.py")
-        if "devstack.realtime" in path.read_text() or "devstack import realtime" in path.read_text()
-    ]
-    assert offenders == []

@@ -1,5 +1,5 @@
-"""Act as PostgREST would: see `devstack.postgrest.acting_as` (shared with the demo)."""
+"""Act as PostgREST would: see `listener.roles.acting_as` (shared with the demo)."""
 
-from devstack.postgrest import acting_as
+from listener.roles import acting_as
 
 __all__ = ["acting_as"]

@@ -1,9 +1,11 @@
-"""The one thing the local stack borrows from PostgREST: running a request as a user.
+"""Run SQL as a Supabase role, the way PostgREST runs an API request.
 
 PostgREST runs every API request in a transaction that switches to the JWT's role and exposes
 the claims as `request.jwt.claims` (plus the legacy per-claim settings), which is what RLS
-policies, `auth.uid()` and the planner's insert trigger read. The demo and the tests insert
-runs this way, so they exercise exactly the checks a manager's UI goes through.
+policies, `auth.uid()` and the planner's insert trigger read. The operator commands
+(`planner runs cancel`, `planner history restore`) act as `service_role` this way, so an
+operator goes through exactly the functions and checks the UI does; the demo and the tests act
+as a manager (`authenticated`) the same way. Engine code: it needs nothing of the local stack.
 """
 
 from __future__ import annotations
