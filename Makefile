@@ -7,11 +7,12 @@ VENV    := .venv
 PLANNER := $(VENV)/bin/planner
 PYTEST_ARGS ?=
 
-.PHONY: help bootstrap js up down status demo test lint typecheck pytest chaos bench clean
+.PHONY: help bootstrap js up down status demo test test-fast lint typecheck pytest chaos bench clean
 
 help:
 	@echo "make demo   - run the main job on the local stack (bootstraps everything)"
 	@echo "make test   - ruff + import contracts + mypy + the whole test suite on the real local stack"
+	@echo "make test-fast - the tests that need no stack (< 1 min): solver, executor, units"
 	@echo "make up     - start the local stack (PostgreSQL 15 + pg_cron + wal2json + Realtime)"
 	@echo "make down   - stop the local stack (data kept)"
 	@echo "make bench  - print the benchmark tables"
@@ -46,6 +47,11 @@ pytest: up js
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The inner loop: everything that needs no stack (solver, executor state machine on in-memory
+# ports, pure units), well under a minute. `make test` still runs all of it and the rest.
+test-fast: bootstrap
+	$(VENV)/bin/pytest -m "not stack" -q $(PYTEST_ARGS)
 
 bench: up
 	$(VENV)/bin/python bench/solver_bench.py --quick
