@@ -448,9 +448,9 @@ class SpareChild:
 
     @property
     def pid(self) -> int | None:
-        """The waiting spare's pid, once it has been spawned."""
+        """The waiting spare's pid, once it has been spawned and while it is alive."""
         child = self._started()
-        return child.pid if child is not None else None
+        return child.pid if child is not None and child.alive else None
 
     def _usable(self, loop: asyncio.AbstractEventLoop) -> bool:
         task = self._task

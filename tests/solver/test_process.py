@@ -189,8 +189,11 @@ async def test_a_dead_spare_is_replaced_by_a_fresh_child() -> None:
     dead = await spare.ready()
     assert dead is not None
     os.kill(dead, signal.SIGKILL)
-    assert await _wait_gone(dead)
-    await asyncio.sleep(0.2)  # the child watcher reports the exit to the loop
+    for _ in range(200):  # until the child watcher has reported the exit to the loop
+        if spare.pid is None:
+            break
+        await asyncio.sleep(0.05)
+    assert spare.pid is None, "a spare that died is not waiting"
     handle = start_solve(small_generated(["VIC_PGY2", "NO_NIGHTS"]), num_workers=1, spare=spare)
     plan = await handle.result()
     assert plan.status == "OPTIMAL" and handle.pid not in (None, dead)
@@ -219,9 +222,14 @@ def test_a_spare_of_a_finished_loop_is_killed_on_close() -> None:
 # what the test asks for. It imports only solver.protocol, so it starts in a fraction of a second.
 FAKE_CHILD = textwrap.dedent("""
     import os, signal, sys, time
+    script = os.environ["FAKE_CHILD"]
+    stopped = []  # SIGTERM handling first, before the imports, like the real child
+    if script == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif script == "graceful":
+        signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
     from solver.protocol import PlanMessage, ProgressMessage, SolveRequest, encode
     from solver.problem import Plan, Progress
-    script = os.environ["FAKE_CHILD"]
     request = SolveRequest.model_validate_json(sys.stdin.readline())
     out = sys.stdout
     def say(line):
@@ -245,12 +253,11 @@ FAKE_CHILD = textwrap.dedent("""
     elif script == "error":
         say('{"kind": "error", "message": "ValueError: first line\\\\nsecond line"}')
     elif script == "stubborn":                            # ignores SIGTERM: must be killed
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         time.sleep(60)
     elif script == "graceful":                            # SIGTERM -> best plan so far
-        signal.signal(signal.SIGTERM, lambda *_: (say(encode(PlanMessage(plan=plan))),
-                                                   sys.exit(0)))
-        time.sleep(60)
+        while not stopped:
+            time.sleep(0.01)
+        say(encode(PlanMessage(plan=plan)))
 """)
 
 
@@ -292,11 +299,11 @@ async def test_a_multi_line_child_error_is_one_line(fake_child: pytest.MonkeyPat
 
 
 async def test_past_the_deadline_stop_then_kill(fake_child: pytest.MonkeyPatch) -> None:
-    fake_child.setattr(process_module, "STOP_GRACE_S", 0.5)
+    fake_child.setattr(process_module, "STOP_GRACE_S", 1.0)
     fake_child.setattr(process_module, "KILL_GRACE_S", 1.0)
     p = small_generated(["VIC_PGY2", "NO_NIGHTS"])
     fake_child.setenv("FAKE_CHILD", "graceful")
-    plan = await asyncio.wait_for(start_solve(p, time_limit_s=0.5).result(), 30)
+    plan = await asyncio.wait_for(start_solve(p, time_limit_s=1.0).result(), 30)
     assert plan.status == "FEASIBLE", "SIGTERM at the deadline returns the best plan so far"
     fake_child.setenv("FAKE_CHILD", "stubborn")
     started = time.monotonic()
