@@ -206,6 +206,9 @@ def _describe_exit(code: int | None) -> str:
 
 # -------------------------------------------------------------------------------- parent
 
+#: Every running supervising task, so a handle its caller dropped still finishes its child.
+_SUPERVISING: set[asyncio.Task[None]] = set()
+
 
 class SolveHandle:
     """A running child solve, supervised by one task of the loop that started it.
@@ -227,6 +230,8 @@ class SolveHandle:
         self._stop_requested = False
         self._task = asyncio.get_running_loop().create_task(self._supervise(spare),
                                                             name="solver-child")
+        _SUPERVISING.add(self._task)  # the loop keeps only weak references to tasks
+        self._task.add_done_callback(_SUPERVISING.discard)
 
     @property
     def pid(self) -> int | None:
