@@ -22,6 +22,7 @@ from aiohttp import web
 from loguru import logger
 
 from listener import health, metrics
+from listener.backoff import Backoff
 from listener.broadcast import Broadcaster
 from listener.db import EngineDB
 from listener.events import Phase, RunStatus, StatusEvent
@@ -114,6 +115,7 @@ class Listener:
 
     async def _work_loop(self, executor: RunExecutor) -> None:
         assert self.db is not None
+        claim_retry = Backoff(1.0, 10.0)  # jittered: replicas that lost the database spread out
         while not self.draining.is_set():
             getter = asyncio.create_task(self.queue.get())
             drain = asyncio.create_task(self.draining.wait())
@@ -129,10 +131,13 @@ class Listener:
             try:
                 run = await self.db.claim(self.s.worker_id, run_id)
             except Exception as exc:
-                logger.warning("claim of {} failed: {}; will retry", run_id, exc)
-                await asyncio.sleep(1)
+                delay = claim_retry.next_delay()
+                logger.warning("claim of {} failed: {}; will retry in {:.1f}s", run_id, exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.draining.wait(), timeout=delay)
                 self.resync()
                 continue
+            claim_retry.reset()
             if run is None:
                 # Another listener has it, or it is no longer PENDING, or (seen with the local
                 # server, possible with any CDC) the event outran the insert's visibility to

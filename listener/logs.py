@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from listener import metrics
+from listener.backoff import Backoff
 
 if TYPE_CHECKING:
     from loguru import Message, Record
@@ -165,11 +166,16 @@ class RunLogSink:
             metrics.LOG_RECORDS_WRITTEN.inc(len(items))
 
     async def run(self, db: EngineDB, stop: asyncio.Event) -> None:
-        """Flush every `interval_s` (backing off while the database is down) until `stop`."""
-        backoff = self.interval_s
+        """Flush every `interval_s` until `stop`; while the database refuses, wait a jittered,
+        growing delay instead (`listener.backoff`, from `interval_s` up to 10 s)."""
+        backoff = Backoff(self.interval_s, max(self.interval_s, 10.0))
+        wait = self.interval_s
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=backoff)
-            ok = await self.flush(db)
-            backoff = self.interval_s if ok else min(backoff * 2, 10.0)
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+            if await self.flush(db):
+                backoff.reset()
+                wait = self.interval_s
+            else:
+                wait = backoff.next_delay()
         await self.flush(db)

@@ -2,8 +2,8 @@
 
 Events are hints only. Realtime is at-most-once (changes during a disconnect are never
 replayed), so every (re)subscription triggers a catch-up scan, and the official Python client
-gives up after `max_retries` failed reconnects, so this supervisor recreates it, with
-back-off, for as long as the listener runs.
+gives up after `max_retries` failed reconnects, so this supervisor recreates it, with jittered
+back-off (`listener.backoff`), for as long as the listener runs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from realtime.types import PostgresChangesPayload, RealtimePostgresChangesListen
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from listener import metrics
+from listener.backoff import Backoff
 
 RunHint = Callable[[uuid.UUID, datetime], None]
 
@@ -109,8 +110,13 @@ class RealtimeLink:
                 await asyncio.wait_for(client.realtime.close(), timeout=3)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Supervise forever: (re)create the client whenever it stays disconnected."""
-        backoff = 0.5
+        """Supervise forever: (re)create the client whenever it stays disconnected.
+
+        Retries wait a jittered, growing delay (`listener.backoff`, 0.5 s to 30 s, reset once
+        subscribed), so replicas that lost the same server do not come back in lockstep; that
+        includes recreating a client that stayed unsubscribed for `stale_after_s`.
+        """
+        backoff = Backoff(0.5, 30.0)
         first = True
         while not stop.is_set():
             if not first:
@@ -120,26 +126,33 @@ class RealtimeLink:
                 self._client = await self._open()
             except Exception as exc:
                 self.state = "unreachable"
-                logger.warning("Realtime: cannot subscribe ({}); retry in {:.1f}s", exc, backoff)
+                delay = backoff.next_delay()
+                logger.warning("Realtime: cannot subscribe ({}); retry in {:.1f}s", exc, delay)
                 await self._close()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=backoff)
-                backoff = min(backoff * 2, 30.0)
+                await _wait(stop, delay)
                 continue
             disconnected_since: float | None = None
             while not stop.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=0.5)
+                await _wait(stop, 0.5)
                 if self.subscribed:
                     disconnected_since = None
-                    backoff = 0.5
+                    backoff.reset()
                     continue
                 now = time.monotonic()
                 disconnected_since = disconnected_since or now
                 if now - disconnected_since > self._stale_after_s:
+                    delay = backoff.next_delay()
                     logger.warning(
-                        "Realtime: no subscription for {:.0f}s; recreating the client",
-                        now - disconnected_since,
+                        "Realtime: no subscription for {:.0f}s; recreating the client in {:.1f}s",
+                        now - disconnected_since, delay,
                     )
+                    await self._close()
+                    await _wait(stop, delay)
                     break
             await self._close()
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, or less when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -3,7 +3,8 @@
 Public API (the listener codes against exactly this):
 `Problem`, `Plan`, `Progress` (pydantic models), `RULE_SETS` (rule-set catalogue),
 `validate_plan` (independent checker), `solve` (in-process), and `start_solve` /
-`SolveHandle` / `SolverProcessError` / `SolverOutOfMemory` / `SolverCrashed` (child process).
+`SolveHandle` / `SpareChild` / `solve_in_child` / `SolverProcessError` / `SolverOutOfMemory` /
+`SolverCrashed` (child process).
 """
 
 from solver.problem import Plan, Problem, Progress
@@ -13,6 +14,7 @@ from solver.process import (
     SolverOutOfMemory,
     SolverProcessError,
     SpareChild,
+    solve_in_child,
     start_solve,
 )
 from solver.rules import RULE_SETS
@@ -45,6 +47,7 @@ __all__ = [
     "SolverProcessError",
     "SpareChild",
     "solve",
+    "solve_in_child",
     "start_solve",
     "validate_plan",
 ]

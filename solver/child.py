@@ -1,19 +1,18 @@
 """Entry point of the solver child process (`python -m solver.child`); see `solver.process`.
 
 Kept out of `solver/__init__` on purpose: running it with `-m` must not find it imported.
+The messages both ways are the models of `solver.protocol`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import resource
 import signal
 import sys
 import threading
-from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _M_ARENA_MAX = -8
@@ -54,48 +53,61 @@ def main() -> None:
     # loaded before the memory cap is set, so the cap measures the solve itself.
     from loguru import logger
 
-    from solver.problem import Problem
+    from solver.protocol import (
+        ChildMessage,
+        ErrorMessage,
+        OutOfMemoryMessage,
+        PlanMessage,
+        ProgressMessage,
+        SolveRequest,
+        encode,
+    )
     from solver.search import solve
 
     line = sys.stdin.readline()
     if not line:  # a spare child whose parent went away, or was never used
         return
-    request = json.loads(line)
-    parent_pid = int(request["parent_pid"])
-    _die_with_parent(parent_pid)
+    try:
+        request = SolveRequest.model_validate_json(line)
+    except ValueError as exc:  # pydantic.ValidationError: a parent of another version?
+        print(encode(ErrorMessage(message=f"invalid solve request: {exc}")), flush=True)
+        return
+    _die_with_parent(request.parent_pid)
     # The protocol owns the real stdout; anything else printed goes to stderr (a log file).
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     send_lock = threading.Lock()
 
-    def send(kind: str, payload: Any) -> None:
+    def send(message: ChildMessage) -> None:
         with send_lock, contextlib.suppress(OSError, ValueError):
-            out.write(json.dumps([kind, payload]) + "\n")
+            out.write(encode(message) + "\n")
             out.flush()
 
-    memory_limit_mb = int(request["memory_limit_mb"])
+    memory_limit_mb = request.memory_limit_mb
     logger.remove()
     logger.add(sys.stderr, level="INFO", diagnose=False)
-    problem = Problem.model_validate(request["problem"])
+    problem = request.problem_to_solve()
     baseline = vm_size_mb()
     if baseline >= memory_limit_mb:
-        send("oom", f"memory limit {memory_limit_mb} MiB is below the solver's baseline "
-                    f"footprint ({baseline:.0f} MiB of address space)")
+        send(OutOfMemoryMessage(
+            message=f"memory limit {memory_limit_mb} MiB is below the solver's baseline "
+                    f"footprint ({baseline:.0f} MiB of address space)"))
         return
     limit = memory_limit_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     def run() -> None:
         try:
-            plan = solve(problem, on_progress=lambda p: send("progress", p.model_dump()),
-                         stop=stop, num_workers=request.get("num_workers"))
+            plan = solve(problem, on_progress=lambda p: send(ProgressMessage(progress=p)),
+                         stop=stop, num_workers=request.num_workers)
             plan.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            send("plan", plan.model_dump())
+            send(PlanMessage(plan=plan))
         except MemoryError:
-            send("oom", f"solver ran out of memory (limit {memory_limit_mb} MiB)")
+            send(OutOfMemoryMessage(
+                message=f"solver ran out of memory (limit {memory_limit_mb} MiB)"))
         except BaseException as exc:  # reported to the parent, then the child exits
-            send("error", f"{type(exc).__name__}: {exc}")
+            send(ErrorMessage(message=f"{type(exc).__name__}: {exc}"))
 
     worker = threading.Thread(target=run, name="solve", daemon=True)
     worker.start()
@@ -103,7 +115,7 @@ def main() -> None:
     # for the parent going away.
     while worker.is_alive():
         worker.join(0.2)
-        if os.getppid() != parent_pid:
+        if os.getppid() != request.parent_pid:
             stop.set()
             os._exit(1)
     out.close()

@@ -1,56 +1,85 @@
 """Run a solve in a child process: memory cap, wall-time limit, cancellation, streamed progress.
 
 Why a child: CP-SAT is native code. A bad model, a huge instance or a bug can exhaust memory or
-crash the process; the listener (an asyncio program with threads) must survive all of that and
-report a clean error.
+crash the process; the listener (an asyncio program) must survive all of that and report a
+clean error.
 
 The child is a fresh interpreter (`python -m solver.child`, fork+exec like multiprocessing's
-"spawn", so a threaded parent is never forked). We do not use multiprocessing itself because
-spawn re-imports the caller's `__main__`, which breaks any unguarded script or entry point that
-calls `start_solve`. The child caps its own address space with RLIMIT_AS, dies with its parent
-(PR_SET_PDEATHSIG plus a parent-pid watchdog), and turns SIGTERM into `solver.stop_search()` so
-the caller gets the best plan found so far.
+"spawn", so a threaded parent is never forked), started with `asyncio.create_subprocess_exec`.
+We do not use multiprocessing itself because spawn re-imports the caller's `__main__`, which
+breaks any unguarded script or entry point that calls `start_solve`. The child caps its own
+address space with RLIMIT_AS, dies with its parent (PR_SET_PDEATHSIG plus a parent-pid
+watchdog), and turns SIGTERM into `solver.stop_search()` so the caller gets the best plan found
+so far.
 
-Contract: the parent writes one JSON object on the child's stdin
-({"problem", "memory_limit_mb", "num_workers", "parent_pid"}); the child answers with JSON lines
-on its stdout (its own prints and logs go to a stderr file), each `[kind, payload]`:
-  ["progress", Progress dict]  any number, throttled by the solver
-  ["plan", Plan dict]          exactly once on success
-  ["oom", str]                 the child knows it ran out of memory
-  ["error", str]               the solve raised
-The parent classifies a child that exits without a plan: out of memory (message, MemoryError,
-std::bad_alloc on stderr, or SIGKILL it did not send) -> SolverOutOfMemory; anything else ->
-SolverCrashed. Both carry a one-line message with the exit code or signal.
+Contract (typed both ways, `solver.protocol`): the parent writes one `SolveRequest` JSON line
+on the child's stdin (problem, memory_limit_mb, time_limit_s, num_workers, parent_pid); the
+child answers with `ChildMessage` JSON lines on its stdout (its own prints and logs go to a
+stderr file), each tagged by `kind`:
+  progress   any number, throttled by the solver
+  plan       exactly once on success
+  oom        the child knows it ran out of memory
+  error      the solve raised
+A line that is not one of these is logged and skipped. The parent classifies a child that exits
+without a plan: out of memory (message, MemoryError, std::bad_alloc on stderr, or SIGKILL it did
+not send) -> SolverOutOfMemory; anything else -> SolverCrashed. Both carry a one-line message
+with the exit code or signal. Past the solve's time limit plus STOP_GRACE_S the parent stops the
+child (SIGTERM), and KILL_GRACE_S later kills it (SIGKILL).
 
-Note on PR_SET_PDEATHSIG: Linux fires it when the *thread* that started the child exits. Call
-`start_solve` from a long-lived thread (the event-loop thread is fine); the watchdog still
-catches the parent process dying.
+asyncio: each child has exactly one supervising task (spawn or take the spare, write the
+request, read and dispatch lines, enforce the deadline, reap, classify). `start_solve` is a
+plain function that needs a running event loop and returns at once; `progress()` and
+`result()` may be awaited concurrently by any number of tasks of that loop, and `stop()` /
+`kill()` are plain calls that any task may make at any time (before the child exists they are
+remembered and applied as soon as it does). Synchronous callers use `solve_in_child`, which
+wraps the whole solve in `asyncio.run`. Cancelling the supervising task (the loop shutting
+down under a running solve) kills the child, so nothing is left behind.
+
+SpareChild pre-starts a child *within the running loop*: `refill()` schedules the spawn as a
+task and returns at once (`await spare.ready()` waits for it); `start_solve(..., spare=)` takes
+the spare, waiting for its spawn if it is still under way. A spare belongs to the loop that
+refilled it; handed to another loop it is discarded and a fresh child is spawned.
+
+Note on PR_SET_PDEATHSIG: Linux fires it when the *thread* that started the child exits, and
+asyncio forks in the thread that runs the event loop. Run the loop in a long-lived thread (the
+main thread is fine); the watchdog still catches the parent process dying. On Python 3.11,
+asyncio's default child watcher waits for each child's exit in a thread of its own; that
+thread only calls waitpid and does not start processes, so it does not affect the death signal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import os
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import IO
 
 from loguru import logger
+from pydantic import ValidationError
 
 from solver.problem import Plan, Problem, Progress
+from solver.protocol import (
+    ErrorMessage,
+    OutOfMemoryMessage,
+    PlanMessage,
+    ProgressMessage,
+    SolveRequest,
+    decode,
+)
 
 #: After the solve's own time limit: time for the explanation pass and shutdown before the
 #: parent stops (SIGTERM) and then kills (SIGKILL) the child.
 STOP_GRACE_S = 45.0
 KILL_GRACE_S = 10.0
+#: Longest protocol line read from the child (a plan of thousands of lines is a few MiB).
+LINE_LIMIT_BYTES = 64 * 1024 * 1024
+#: The directory holding the `solver` package: the child imports the same code as the parent.
+_ROOT = str(Path(__file__).resolve().parent.parent)
 _OOM_MARKERS = ("bad_alloc", "MemoryError", "Cannot allocate memory", "out of memory",
                 "failed to map segment", "Resource temporarily unavailable")
 
@@ -67,196 +96,321 @@ class SolverCrashed(SolverProcessError):
     """The child died (signal, non-zero exit, exception) for a reason other than memory."""
 
 
-# -------------------------------------------------------------------------------- parent
+# ---------------------------------------------------------------------------- children
 
 
-class SolveHandle:
-    """A running child solve. Thread-safe; the async methods never block the event loop.
+def _child_argv() -> list[str]:
+    """The child's command line; the parent pid lets it die with us from its first instant."""
+    return [sys.executable, "-m", "solver.child", str(os.getpid())]
 
-    A reader thread drains the pipe; async waiters are woken with `call_soon_threadsafe`, so
-    `progress()` and `result()` can be awaited concurrently from different tasks (and loops).
-    """
 
-    def __init__(
-        self,
-        process: subprocess.Popen[bytes],
-        stderr_path: str,
-        memory_limit_mb: int,
-        deadline_s: float,
-    ) -> None:
-        self._process = process
-        self._stderr_path = stderr_path
-        self._memory_limit_mb = memory_limit_mb
-        self._deadline = time.monotonic() + deadline_s
-        self._lock = threading.Lock()
-        self._progress: list[Progress] = []
-        self._plan: Plan | None = None
-        self._error: SolverProcessError | None = None
-        self._done = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._killed = False
-        self._stop_requested = False
-        self._lines: list[bytes] = []
-        self._eof = threading.Event()
-        assert process.stdout is not None
-        self._pump = threading.Thread(target=self._pump_lines, args=(process.stdout,),
-                                      name=f"solver-pipe-{self.pid}", daemon=True)
-        self._pump.start()
-        self._reader = threading.Thread(target=self._read, name=f"solver-{self.pid}", daemon=True)
-        self._reader.start()
+class _Child:
+    """A started child interpreter: its process and the file its stderr goes to."""
+
+    def __init__(self, process: asyncio.subprocess.Process, stderr_path: Path) -> None:
+        self.process = process
+        self.stderr_path = stderr_path
 
     @property
     def pid(self) -> int:
-        return self._process.pid
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.returncode is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Signal the child unless it is known to have exited.
+
+        `os.kill` rather than `Process.send_signal`: the latter polls with waitpid from this
+        thread, racing the child watcher's own waitpid, and the loser reports exit code 255
+        instead of the real signal, which would break the classification.
+        """
+        if self.alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def stderr_tail(self) -> str:
+        """The end of the child's stderr; the file is removed."""
+        try:
+            with open(self.stderr_path, errors="replace") as f:
+                return f.read()[-4000:]
+        except OSError:
+            return ""
+        finally:
+            self.remove_stderr()
+
+    def remove_stderr(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.stderr_path)
+
+    async def reap(self, grace_s: float) -> None:
+        """Wait for the exit; SIGKILL after `grace_s`."""
+        try:
+            await asyncio.wait_for(self.process.wait(), grace_s)
+        except TimeoutError:
+            self.signal(signal.SIGKILL)
+            await self.process.wait()
+
+    async def close_unused(self) -> None:
+        """End a child that never got a request: it exits on stdin EOF."""
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+            await self.reap(5.0)
+        except asyncio.CancelledError:
+            self.signal(signal.SIGKILL)
+            raise
+        finally:
+            self.remove_stderr()
+
+
+async def _spawn() -> _Child:
+    """A fresh child interpreter, importing OR-Tools, then waiting for its request on stdin."""
+    fd, stderr_name = tempfile.mkstemp(prefix="planner-solver-", suffix=".log")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *_child_argv(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=fd,
+            env=env,
+            limit=LINE_LIMIT_BYTES,
+        )
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(stderr_name)
+        raise
+    finally:
+        os.close(fd)
+    return _Child(process, Path(stderr_name))
+
+
+def _spawned(task: asyncio.Task[_Child]) -> _Child | None:
+    """The child a finished spawn task produced; None while it runs or when it failed."""
+    if not task.done() or task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+def _describe_exit(code: int | None) -> str:
+    how = f"exit code {code}"
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            how = f"signal {signal.Signals(-code).name} (exit code {code})"
+    return how
+
+
+# -------------------------------------------------------------------------------- parent
+
+#: Every running supervising task, so a handle its caller dropped still finishes its child.
+_SUPERVISING: set[asyncio.Task[None]] = set()
+
+
+class SolveHandle:
+    """A running child solve, supervised by one task of the loop that started it.
+
+    `progress()` and `result()` can be awaited concurrently from several tasks; `stop()` and
+    `kill()` are plain calls (the listener's heartbeat makes them from another task).
+    """
+
+    def __init__(self, request: SolveRequest, spare: asyncio.Task[_Child] | None) -> None:
+        self._request = request
+        # A spare that is already running is known at once, so `pid` is set when we return.
+        self._child: _Child | None = _spawned(spare) if spare is not None else None
+        self._progress: list[Progress] = []
+        self._changed = asyncio.Condition()
+        self._finished = asyncio.Event()
+        self._plan: Plan | None = None
+        self._error: SolverProcessError | None = None
+        self._killed = False
+        self._stop_requested = False
+        self._task = asyncio.get_running_loop().create_task(self._supervise(spare),
+                                                            name="solver-child")
+        _SUPERVISING.add(self._task)  # the loop keeps only weak references to tasks
+        self._task.add_done_callback(_SUPERVISING.discard)
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid; None until it has been spawned (a taken spare has one at once)."""
+        return self._child.pid if self._child is not None else None
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._finished.is_set()
 
     # -- control -------------------------------------------------------------------------
     def stop(self) -> None:
         """Ask the child to stop searching and return the best plan so far (SIGTERM)."""
         self._stop_requested = True
-        if self._process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+        if self._child is not None:
+            self._child.signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL, for when `stop()` is not honoured. `result()` then raises SolverCrashed."""
         self._killed = True
-        if self._process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
+        if self._child is not None:
+            self._child.signal(signal.SIGKILL)
 
-    # -- reader threads ------------------------------------------------------------------
-    def _pump_lines(self, pipe: IO[bytes]) -> None:
-        """Blocking reads of the child's stdout, handed over line by line."""
+    # -- the supervising task --------------------------------------------------------------
+    async def _obtain(self, spare: asyncio.Task[_Child] | None) -> _Child:
+        if spare is not None:
+            try:
+                child = await spare
+            except Exception as exc:
+                logger.warning("the spare solver child could not start ({}); spawning one", exc)
+            else:
+                if child.alive:
+                    return child
+                logger.warning("the spare solver child {} had exited ({}); spawning one",
+                               child.pid, _describe_exit(child.process.returncode))
+                child.remove_stderr()
+        return await _spawn()
+
+    async def _supervise(self, spare: asyncio.Task[_Child] | None) -> None:
+        child: _Child | None = None
         try:
-            for raw in pipe:
-                with self._lock:
-                    self._lines.append(raw)
+            child = self._child = await self._obtain(spare)
+            if self._killed:
+                child.signal(signal.SIGKILL)
+            elif self._stop_requested:
+                child.signal(signal.SIGTERM)
+            logger.info("solver child {} started (memory cap {} MiB, time limit {}s)",
+                        child.pid, self._request.memory_limit_mb, self._request.time_limit_s)
+            plan, oom, error = await self._exchange(child)
+            await child.reap(KILL_GRACE_S)
+            self._classify(child, plan, oom, error)
+        except asyncio.CancelledError:
+            # The loop is going away under a running solve: leave no child behind.
+            if child is not None:
+                child.signal(signal.SIGKILL)
+                child.remove_stderr()
+                with contextlib.suppress(Exception):  # reap it, unless cancelled again
+                    await asyncio.wait_for(child.process.wait(), KILL_GRACE_S)
+            self._error = SolverCrashed("solver supervision cancelled; the child was killed")
+            raise
+        except Exception as exc:  # spawn failed (no interpreter, no fds, ...)
+            logger.error("could not run the solver process: {}", exc)
+            if child is not None:
+                child.signal(signal.SIGKILL)
+                child.remove_stderr()
+            self._error = SolverCrashed(f"could not run the solver process: {exc}")
         finally:
-            self._eof.set()
+            self._finished.set()
+            await self._wake()
 
-    def _read(self) -> None:
-        """Dispatch messages, enforce the wall-time deadline, classify the ending."""
+    async def _exchange(self, child: _Child) -> tuple[Plan | None, str | None, str | None]:
+        """Send the request, then read messages until EOF, stopping/killing past the deadline.
+
+        Returns (plan, oom message, error message) as received.
+        """
+        assert child.process.stdout is not None
+        loop = asyncio.get_running_loop()
+        deadline: float | None = loop.time() + self._request.time_limit_s + STOP_GRACE_S
+        stopped = written = False
         plan: Plan | None = None
         oom: str | None = None
         error: str | None = None
-        stopped_at: float | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if now > self._deadline and stopped_at is None:
-                    logger.warning("solver child {} over its wall-time limit: stopping", self.pid)
-                    self.stop()
-                    stopped_at = now
-                elif stopped_at is not None and now > stopped_at + KILL_GRACE_S:
-                    logger.error("solver child {} ignored SIGTERM: killing", self.pid)
-                    self.kill()
-                    stopped_at = float("inf")
-                eof = self._eof.wait(0.05)
-                with self._lock:
-                    batch, self._lines = self._lines, []
-                for raw in batch:
-                    try:
-                        kind, payload = json.loads(raw)
-                    except ValueError:
-                        logger.warning("solver child {}: bad message {!r}", self.pid, raw[:200])
-                        continue
-                    if kind == "progress":
-                        with self._lock:
-                            self._progress.append(Progress.model_validate(payload))
-                        self._notify()
-                    elif kind == "plan":
-                        plan = Plan.model_validate(payload)
-                    elif kind == "oom":
-                        oom = str(payload)
-                    elif kind == "error":
-                        error = str(payload)
-                if eof and not batch:
-                    with self._lock:
-                        if not self._lines:
-                            break
-        finally:
+        while True:
             try:
-                self._process.wait(KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._finish(plan, oom, error)
+                async with asyncio.timeout_at(deadline):
+                    if not written:
+                        written = True
+                        await self._write_request(child)
+                    raw = await child.process.stdout.readline()
+            except TimeoutError:
+                if not stopped:
+                    logger.warning("solver child {} over its wall-time limit: stopping",
+                                   child.pid)
+                    self.stop()
+                    stopped, deadline = True, loop.time() + KILL_GRACE_S
+                else:
+                    logger.error("solver child {} ignored SIGTERM: killing", child.pid)
+                    self.kill()
+                    deadline = None
+                continue
+            except ValueError:  # a line over LINE_LIMIT_BYTES (the reader skipped it)
+                logger.warning("solver child {}: message over {} bytes skipped",
+                               child.pid, LINE_LIMIT_BYTES)
+                continue
+            if not raw:
+                return plan, oom, error
+            try:
+                message = decode(raw)
+            except ValidationError:
+                logger.warning("solver child {}: bad message {!r}", child.pid, raw[:200])
+                continue
+            match message:
+                case ProgressMessage(progress=progress):
+                    self._progress.append(progress)
+                    await self._wake()
+                case PlanMessage(plan=received):
+                    plan = received
+                case OutOfMemoryMessage(message=text):
+                    oom = text
+                case ErrorMessage(message=text):
+                    error = text
 
-    def _stderr_tail(self) -> str:
+    async def _write_request(self, child: _Child) -> None:
+        stdin = child.process.stdin
+        assert stdin is not None
         try:
-            with open(self._stderr_path, errors="replace") as f:
-                return f.read()[-4000:]
-        except OSError:
-            return ""
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(self._stderr_path)
+            stdin.write(self._request.model_dump_json().encode() + b"\n")
+            await stdin.drain()
+            stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the child died at once; its exit is classified after EOF
 
-    def _finish(self, plan: Plan | None, oom: str | None, error: str | None) -> None:
-        code = self._process.returncode
-        tail = self._stderr_tail()
-        how = f"exit code {code}"
-        if code is not None and code < 0:
-            with contextlib.suppress(ValueError):
-                how = f"signal {signal.Signals(-code).name} (exit code {code})"
-        err: SolverProcessError | None = None
+    def _classify(self, child: _Child, plan: Plan | None, oom: str | None,
+                  error: str | None) -> None:
+        code = child.process.returncode
+        tail = child.stderr_tail()
+        how = _describe_exit(code)
         if plan is None and self._stop_requested and code == -signal.SIGTERM and not self._killed:
             # Stopped before the child could install its handler: nothing was found yet.
             plan = Plan(status="UNKNOWN")
-        if plan is None:
-            if oom is not None:
-                err = SolverOutOfMemory(f"{oom}; {how}")
-            elif error is not None and any(m in error for m in _OOM_MARKERS):
-                err = SolverOutOfMemory(f"solver ran out of memory ({error}); {how}")
-            elif error is not None:
-                err = SolverCrashed(f"solver failed: {error}; {how}")
-            elif self._killed:
-                err = SolverCrashed(f"solver process was killed on request; {how}")
-            elif any(m in tail for m in _OOM_MARKERS) or code == -signal.SIGKILL:
-                err = SolverOutOfMemory(
-                    f"solver ran out of memory (limit {self._memory_limit_mb} MiB); {how}")
-            else:
-                err = SolverCrashed(f"solver process died without a plan; {how}")
-            last = tail.strip().splitlines()[-1:] if tail.strip() else []
-            logger.error("solver child {}: {}{}", self.pid, err,
-                         f" (stderr: {last[0][:200]})" if last else "")
-        with self._lock:
-            self._plan, self._error = plan, err
-            self._done.set()
-        self._notify()
+        if plan is not None:
+            self._plan = plan
+            return
+        kind: type[SolverProcessError]
+        if oom is not None:
+            kind, text = SolverOutOfMemory, oom
+        elif error is not None and any(m in error for m in _OOM_MARKERS):
+            kind, text = SolverOutOfMemory, f"solver ran out of memory ({error})"
+        elif error is not None:
+            kind, text = SolverCrashed, f"solver failed: {error}"
+        elif self._killed:
+            kind, text = SolverCrashed, "solver process was killed on request"
+        elif any(m in tail for m in _OOM_MARKERS) or code == -signal.SIGKILL:
+            kind = SolverOutOfMemory
+            text = f"solver ran out of memory (limit {self._request.memory_limit_mb} MiB)"
+        else:
+            kind, text = SolverCrashed, "solver process died without a plan"
+        # One line, whatever the child said (an exception message can span several).
+        self._error = kind(" ".join(f"{text}; {how}".split()))
+        last = tail.strip().splitlines()[-1:] if tail.strip() else []
+        logger.error("solver child {}: {}{}", child.pid, self._error,
+                     f" (stderr: {last[0][:200]})" if last else "")
 
     # -- waiting -------------------------------------------------------------------------
-    def _notify(self) -> None:
-        with self._lock:
-            waiters, self._waiters = self._waiters, []
-        for loop, fut in waiters:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(_resolve, fut)
+    async def _wake(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
-    async def _wait_until(self, ready: Callable[[], bool]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._lock:
-                if ready():
-                    return
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiters.append((loop, fut))
-            await fut
+    def _news_since(self, seen: int) -> bool:
+        return len(self._progress) > seen or self._finished.is_set()
 
     async def progress(self) -> AsyncIterator[Progress]:
-        """Progress messages as they arrive; ends when the child finishes."""
+        """Progress messages as they arrive (from the first); ends when the child finishes."""
         seen = 0
         while True:
-            await self._wait_until(
-                lambda n=seen: len(self._progress) > n or self._done.is_set()  # type: ignore[misc]
-            )
-            with self._lock:
+            async with self._changed:
+                await self._changed.wait_for(functools.partial(self._news_since, seen))
                 batch = self._progress[seen:]
-                finished = self._done.is_set()
+                finished = self._finished.is_set()
             for item in batch:
                 yield item
             seen += len(batch)
@@ -264,101 +418,110 @@ class SolveHandle:
                 return
 
     async def result(self) -> Plan:
-        """The final plan; raises SolverOutOfMemory / SolverCrashed if the child died."""
-        await self._wait_until(self._done.is_set)
-        return self._outcome()
+        """The final plan; raises SolverOutOfMemory / SolverCrashed if the child died.
 
-    def wait(self, timeout: float | None = None) -> Plan:
-        """Blocking variant of `result()` (for the CLI and scripts)."""
-        if not self._done.wait(timeout):
-            raise TimeoutError("solver still running")
-        return self._outcome()
-
-    def _outcome(self) -> Plan:
+        Cancelling this await does not affect the solve (the supervising task carries on).
+        """
+        await self._finished.wait()
         if self._error is not None:
             raise self._error
         assert self._plan is not None
         return self._plan
 
 
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _spawn() -> tuple[subprocess.Popen[bytes], str]:
-    """A fresh child interpreter, waiting for its request on stdin."""
-    fd, stderr_path = tempfile.mkstemp(prefix="planner-solver-", suffix=".log")
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    try:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "solver.child", str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=fd,
-            env=env,
-            close_fds=True,
-            start_new_session=False,
-        )
-    finally:
-        os.close(fd)
-    return process, stderr_path
+# ---------------------------------------------------------------------------- the spare
 
 
 class SpareChild:
     """One solver child started ahead of time, its imports done, waiting for a problem.
 
     A fresh interpreter needs about 1.3 s to load OR-Tools; a long-running caller (the
-    listener) keeps a spare so a run starts solving at once. `take()` hands the spare over
-    (or spawns one if there is none or it died) and `refill()` starts the next (the listener
+    listener) keeps a spare so a run starts solving at once. `refill()` starts one in the
+    background of the running loop (a no-op while a live spare is waiting or starting);
+    `start_solve(..., spare=)` takes it (and none is started in its place: the listener
     refills as soon as a solve has started, trading ~1.3 s of one core during that solve for
-    no start-up wait on the next run). `close()` ends an unused spare (it exits on stdin EOF).
+    no start-up wait on the next run). `close()` ends an unused spare (it exits on stdin EOF);
+    `await wait_closed()` waits until it has.
     """
 
     def __init__(self) -> None:
-        self._spare: tuple[subprocess.Popen[bytes], str] | None = None
+        self._task: asyncio.Task[_Child] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _started(self) -> _Child | None:
+        return _spawned(self._task) if self._task is not None else None
 
     @property
     def pid(self) -> int | None:
-        """The waiting spare's pid, if there is one."""
-        return self._spare[0].pid if self._spare is not None else None
+        """The waiting spare's pid, once it has been spawned and while it is alive."""
+        child = self._started()
+        return child.pid if child is not None and child.alive else None
+
+    def _usable(self, loop: asyncio.AbstractEventLoop) -> bool:
+        task = self._task
+        if task is None or task.get_loop() is not loop:
+            return False
+        if not task.done():
+            return True
+        child = self._started()
+        return child is not None and child.alive
 
     def refill(self) -> None:
-        if self._spare is None or self._spare[0].poll() is not None:
-            self._discard()
-            self._spare = _spawn()
+        """Make sure a spare is waiting or starting (needs a running loop; returns at once)."""
+        loop = asyncio.get_running_loop()
+        if self._usable(loop):
+            return
+        self.close()
+        self._task = loop.create_task(_spawn(), name="solver-spare")
 
-    def take(self) -> tuple[subprocess.Popen[bytes], str]:
-        spare, self._spare = self._spare, None
-        if spare is not None and spare[0].poll() is None:
-            return spare
-        if spare is not None:
-            _cleanup(*spare)
-        return _spawn()
+    async def ready(self) -> int | None:
+        """Wait for the spare's spawn; its pid, or None when there is none or it failed."""
+        if self._task is None:
+            return None
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._task)
+        return self.pid
 
-    def _discard(self) -> None:
-        if self._spare is not None:
-            _cleanup(*self._spare)
-            self._spare = None
+    def take(self) -> asyncio.Task[_Child] | None:
+        """Hand the spare (its spawn task) over to a solve; None when there is no usable one."""
+        loop = asyncio.get_running_loop()
+        if not self._usable(loop):
+            self.close()
+            return None
+        task, self._task = self._task, None
+        return task
 
     def close(self) -> None:
-        self._discard()
+        """End the spare, if any, in the background (`wait_closed()` to wait for it)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        loop = task.get_loop()
+        if loop.is_closed():  # its loop is gone: nothing can read its pipes any more
+            child = _spawned(task)
+            if child is not None:
+                child.signal(signal.SIGKILL)
+                child.remove_stderr()
+            return
+
+        async def end() -> None:
+            try:
+                child = await task
+            except Exception:
+                return
+            await child.close_unused()
+
+        closing = loop.create_task(end(), name="solver-spare-close")
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def wait_closed(self) -> None:
+        """Wait until every closed spare has exited and been reaped."""
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def _cleanup(process: subprocess.Popen[bytes], stderr_path: str) -> None:
-    if process.stdin is not None:
-        with contextlib.suppress(OSError):
-            process.stdin.close()
-    try:
-        process.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    with contextlib.suppress(OSError):
-        os.unlink(stderr_path)
+# ---------------------------------------------------------------------------- entry points
 
 
 def start_solve(
@@ -371,28 +534,41 @@ def start_solve(
 ) -> SolveHandle:
     """Start solving `problem` in a child process and return its handle at once.
 
-    With `spare`, the pre-started child is used (and none is started in its place: the
-    caller refills when convenient).
+    Needs a running event loop (the handle's supervising task runs on it); from synchronous
+    code use `solve_in_child`. With `spare`, the pre-started child is used (and none is
+    started in its place: the caller refills when convenient).
     """
-    if time_limit_s is not None:
-        problem = problem.model_copy(
-            update={"options": problem.options.model_copy(
-                update={"time_limit_seconds": time_limit_s})}
-        )
-    limit = problem.options.time_limit_seconds
-    process, stderr_path = spare.take() if spare is not None else _spawn()
-    request = {
-        "problem": problem.model_dump(mode="json"),
-        "memory_limit_mb": memory_limit_mb,
-        "num_workers": num_workers,
-        "parent_pid": os.getpid(),
-    }
-    assert process.stdin is not None
     try:
-        process.stdin.write(json.dumps(request).encode() + b"\n")
-        process.stdin.close()
-    except BrokenPipeError:
-        pass  # the child died at once; the reader reports it
-    logger.info("solver child {} started (memory cap {} MiB, time limit {}s)",
-                process.pid, memory_limit_mb, limit)
-    return SolveHandle(process, stderr_path, memory_limit_mb, limit + STOP_GRACE_S)
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("start_solve needs a running event loop; from synchronous code "
+                           "call solver.process.solve_in_child(...)") from None
+    request = SolveRequest(
+        problem=problem,
+        memory_limit_mb=memory_limit_mb,
+        time_limit_s=time_limit_s if time_limit_s is not None
+        else problem.options.time_limit_seconds,
+        num_workers=num_workers,
+        parent_pid=os.getpid(),
+    )
+    return SolveHandle(request, spare.take() if spare is not None else None)
+
+
+def solve_in_child(
+    problem: Problem,
+    *,
+    memory_limit_mb: int = 2048,
+    time_limit_s: float | None = None,
+    num_workers: int | None = None,
+) -> Plan:
+    """Blocking variant for scripts: one child solve in its own event loop (`asyncio.run`).
+
+    Raises SolverOutOfMemory / SolverCrashed like `SolveHandle.result()`.
+    """
+
+    async def run() -> Plan:
+        handle = start_solve(problem, memory_limit_mb=memory_limit_mb,
+                             time_limit_s=time_limit_s, num_workers=num_workers)
+        return await handle.result()
+
+    return asyncio.run(run())

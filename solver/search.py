@@ -157,14 +157,21 @@ def _gap(objective: float | None, bound: float | None) -> float | None:
 def _stop_watcher(
     stop: threading.Event, solver: cp_model.CpSolver, done: threading.Event
 ) -> threading.Thread:
-    """Turn `stop.set()` into `solver.stop_search()` (CP-SAT then returns its best plan)."""
+    """Turn `stop.set()` into `solver.stop_search()` (CP-SAT then returns its best plan).
+
+    `stop_search()` is a no-op until `solve()` has created CP-SAT's solve wrapper, so a stop
+    that lands just as a phase starts would be lost: keep asking until the search is over.
+    """
 
     def run() -> None:
+        announced = False
         while not done.is_set():
             if stop.wait(0.05):
-                logger.info("stop requested: stopping the search")
+                if not announced:
+                    logger.info("stop requested: stopping the search")
+                    announced = True
                 solver.stop_search()
-                return
+                done.wait(0.05)
 
     thread = threading.Thread(target=run, name="solver-stop", daemon=True)
     thread.start()

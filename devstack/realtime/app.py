@@ -24,6 +24,7 @@ from devstack.realtime.database import Database
 from devstack.realtime.hub import Hub
 from devstack.realtime.replication import ReplicationStream
 from devstack.realtime.serializer import ENCODING_BINARY, UserBroadcast, serializer_for
+from listener.backoff import Backoff
 
 MAX_FRAME_BYTES = 5_000_000
 
@@ -63,7 +64,8 @@ class Server:
         self._tasks.append(asyncio.create_task(self.changes.run()))
 
     async def _open_db(self) -> None:
-        delay = 0.2
+        """Open the pool, retrying forever with jittered back-off (0.2 s to 5 s)."""
+        backoff = Backoff(0.2, 5.0)
         while True:
             try:
                 await self.db.open()
@@ -71,9 +73,9 @@ class Server:
                 logger.info("database pool ready")
                 return
             except Exception as exc:  # any connect failure: keep retrying
+                delay = backoff.next_delay()
                 logger.warning("database not reachable ({}); retrying in {:.1f}s", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     @staticmethod
     def _on_stream_state(streaming: bool) -> None:

@@ -12,7 +12,8 @@ changes for tables in publication `supabase_realtime` that somebody subscribed t
 a table added to the publication later is picked up without restarting the slot (restarting
 would lose changes in between).
 
-If PostgreSQL goes away the thread reconnects with back-off and creates a new slot. Changes
+If PostgreSQL goes away the thread reconnects with jittered back-off (`listener.backoff`,
+0.2 s to 5 s) and creates a new slot. Changes
 committed while no slot existed are never seen: at-most-once delivery, like Supabase.
 """
 
@@ -32,6 +33,8 @@ import psycopg2
 import psycopg2.extras
 from loguru import logger
 
+from listener.backoff import Backoff
+
 WAL2JSON_OPTIONS = {
     "format-version": "2",
     "include-pk": "1",
@@ -44,6 +47,7 @@ WAL2JSON_OPTIONS = {
     "actions": "insert,update,delete",
 }
 FEEDBACK_INTERVAL_S = 5.0
+MIN_BACKOFF_S = 0.2
 MAX_BACKOFF_S = 5.0
 
 ChangeHandler = Callable[[dict[str, Any]], None]
@@ -92,21 +96,21 @@ class ReplicationStream:
                 self._loop.call_soon_threadsafe(self._on_state, streaming)
 
     def _run(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(MIN_BACKOFF_S, MAX_BACKOFF_S)
         while not self._stop.is_set():
             try:
                 self._stream_once()
-                backoff = 0.2
+                backoff.reset()
             except Exception as exc:  # the DB restarted, the network dropped, ...
                 self._set_state(False)
                 if self._stop.is_set():
                     break
+                delay = backoff.next_delay()
                 logger.warning(
                     "replication stream lost ({}: {}); retrying in {:.1f}s",
-                    type(exc).__name__, str(exc).strip(), backoff,
+                    type(exc).__name__, str(exc).strip(), delay,
                 )
-                self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF_S)
+                self._sleep(delay)
         self._set_state(False)
 
     def _sleep(self, seconds: float) -> None:
