@@ -81,7 +81,9 @@ LINE_LIMIT_BYTES = 64 * 1024 * 1024
 #: The directory holding the `solver` package: the child imports the same code as the parent.
 _ROOT = str(Path(__file__).resolve().parent.parent)
 _OOM_MARKERS = ("bad_alloc", "MemoryError", "Cannot allocate memory", "out of memory",
-                "failed to map segment", "Resource temporarily unavailable")
+                "failed to map segment", "Resource temporarily unavailable",
+                # a thread's stack is an mmap too: under RLIMIT_AS, Python reports this
+                "can't start new thread")
 
 
 class SolverProcessError(RuntimeError):
