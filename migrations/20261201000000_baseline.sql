@@ -793,22 +793,29 @@ begin
      where not exists (select 1 from public.job_lines j
                         where j.allocation_run_id = p_allocation_run_id and j.line_number = nl.n)
     returning id, line_number
-  ), kept as (
-    select u.id, u.line_number from updated u
-    union all
-    select a.id, a.line_number from added a
+  ), added_rotations as (
+    -- the rotations of the lines just added: nothing to compare with, a plain insert
+    insert into public.rotations
+      (organization_id, allocation_run_id, job_line_id, term_id, team_id, pinned)
+    select p_organization_id, p_allocation_run_id, a.id, r.key::uuid, r.value::uuid,
+           nl.pins ? r.key
+      from added a
+      join new_lines nl on nl.n = a.line_number
+      cross join lateral jsonb_each_text(nl.rot) r
   )
+  -- the rotations of the kept lines that differ from the snapshot (a term added since the
+  -- last commit has no row yet: inserted)
   insert into public.rotations as ro
     (organization_id, allocation_run_id, job_line_id, term_id, team_id, pinned)
-  select p_organization_id, p_allocation_run_id, kept.id, r.key::uuid, r.value::uuid,
+  select p_organization_id, p_allocation_run_id, u.id, r.key::uuid, r.value::uuid,
          nl.pins ? r.key
-    from kept
-    join new_lines nl on nl.n = kept.line_number
-    left join old_lines ol on ol.n = nl.n
+    from updated u
+    join new_lines nl on nl.n = u.line_number
+    join old_lines ol on ol.n = nl.n
     cross join lateral jsonb_each_text(nl.rot) r
-   where (ol.n is null or ol.rot <> nl.rot or ol.pins <> nl.pins)  -- the line changed
+   where (ol.rot <> nl.rot or ol.pins <> nl.pins)                  -- the line changed
      and (ol.rot ->> r.key is distinct from r.value                 -- and so did this cell
-          or ol.pins is null or (ol.pins ? r.key) <> (nl.pins ? r.key))
+          or (ol.pins ? r.key) <> (nl.pins ? r.key))
   on conflict (job_line_id, term_id) do update
      set team_id = excluded.team_id, pinned = excluded.pinned
    where (ro.team_id, ro.pinned) is distinct from (excluded.team_id, excluded.pinned);
