@@ -14,6 +14,7 @@ import typer
 
 from devstack import packages, stack
 from devstack.postgres import DevStackError
+from listener.migrate import MigrationError
 
 app = typer.Typer(help="The local stack: PostgreSQL 15 + pg_cron + wal2json + Realtime.",
                   no_args_is_help=True)
@@ -44,7 +45,7 @@ def up() -> None:
     """Install what is missing, start the stack, apply scaffolding and migrations (idempotent)."""
     try:
         s = stack.up()
-    except DevStackError as exc:
+    except (DevStackError, MigrationError) as exc:
         _fail(exc)
         return
     typer.echo(f"local stack up: PostgreSQL {s.host}:{s.pg_port}, Realtime {s.supabase_url}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -169,7 +169,9 @@ async def test_load_problem(su: asyncpg.Connection, engine: asyncpg.Connection, 
     assert len(problem["demand"]) == len(terms) * len(a.teams)
     assert problem["n_job_lines"] == 4 and problem["rule_sets"] == ["VIC_PGY1"]
     assert problem["previous_plan"] is None and problem["options"] == {}
-    assert all(t["site"] is not None for t in problem["teams"])  # '' for a team without site
+    # A team without a site has "site": null, as the solver's model says (no '' stand-in).
+    sites = {t["id"]: t["site"] for t in problem["teams"]}
+    assert sites[a.teams[2]] is None and all(sites[t] for t in a.teams if t != a.teams[2])
     Problem.model_validate(problem)  # the solver's strict model accepts it as is
     # with a plan: previous_plan carries lines, rotations and pins
     await engine.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')", run,
@@ -595,9 +597,14 @@ async def test_engine_role_is_least_privilege(su: asyncpg.Connection, engine: as
                              " from pg_roles where rolname = 'planner_engine'")
     assert not any(role.values())
     assert not await su.fetchval("select pg_has_role('planner_engine', 'service_role', 'member')")
-    # reads inputs of every organisation (it plans for all of them)
+    # reads inputs and runs of every organisation (it plans for all of them)
     assert await engine.fetchval("select count(distinct organization_id) from teams") >= 2
-    assert await engine.fetchval("select count(*) from allocation_planner_runs") >= 0
+    runs = {org.id: await insert_run(su, org.id, org.allocation_run_id, status="CANCELLED",
+                                     finished_at=datetime.now(UTC))
+            for org in (world.a, world.b)}
+    seen = await engine.fetch("select id::text, organization_id::text from allocation_planner_runs"
+                              " where id = any($1::uuid[])", list(runs.values()))
+    assert {r["organization_id"]: r["id"] for r in seen} == runs
     for sql in (
         "insert into job_lines (organization_id, allocation_run_id, line_number)"
         f" values ('{world.a.id}', '{world.a.allocation_run_id}', 900)",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
@@ -101,6 +102,85 @@ def test_project_migrations_are_well_named():
     found = migrate.discover()
     assert found, "migrations/ holds the schema"
     assert [m.version for m in found] == sorted(m.version for m in found)
+    # One baseline (the squash of issue 11), later changes after it.
+    assert found[0].name == "baseline"
+    assert not {m.version for m in found} & migrate.SQUASHED_VERSIONS
+
+
+def test_schema_files_are_not_migrations(tmp_path: Path):
+    """migrations/schema/ (the current definitions) is never applied by the runner, and its
+    files, which are not named like migrations, do not make discover() fail."""
+    assert (migrate.MIGRATIONS_DIR / "schema" / "10_tables.sql").is_file()
+    assert all(m.path.parent == migrate.MIGRATIONS_DIR for m in migrate.discover())
+    write(tmp_path, "20260101000001_first.sql", "select 1;")
+    (tmp_path / "schema").mkdir()
+    write(tmp_path / "schema", "10_tables.sql", "select 1/0;")
+    assert [m.name for m in migrate.discover(tmp_path)] == ["first"]
+
+
+async def record_versions(dsn: str, versions: list[str]) -> None:
+    """Make `dsn` look migrated by other files: its bookkeeping lists `versions`."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(migrate.BOOKKEEPING_SQL)
+        await conn.executemany(
+            "insert into supabase_migrations.schema_migrations (version, statements, name)"
+            " values ($1, $2, $3)", [(v, ["select 1;"], "old") for v in versions])
+    finally:
+        await conn.close()
+
+
+def one_error_line(stderr: str) -> str:
+    """The single `error: ...` line a refused command prints (and no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+async def test_a_database_migrated_before_the_squash_is_told_to_reset(empty_db: str):
+    await record_versions(empty_db, sorted(migrate.SQUASHED_VERSIONS))
+    with pytest.raises(migrate.MigrationError) as refused:
+        await migrate.migrate(empty_db)
+    message = str(refused.value)
+    assert "\n" not in message and "squashed" in message and "`planner dev reset`" in message
+    conn = await asyncpg.connect(empty_db)
+    try:  # refused before anything ran
+        assert await conn.fetchval("select to_regnamespace('planner_engine')") is None
+    finally:
+        await conn.close()
+    planner = Path(sys.executable).with_name("planner")
+    res = subprocess.run([str(planner), "migrate", "--database-url", empty_db],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert "planner dev reset" in one_error_line(res.stderr)
+
+
+async def test_dev_up_on_a_database_migrated_before_the_squash_says_reset(
+    dev_settings: DevSettings, empty_db: str
+):
+    """`planner dev up` against such a database (PLANNER_DEV_DATABASE points it at the
+    scratch one on the same local cluster) stops with the same one line."""
+    await record_versions(empty_db, ["20261128000000", "20261128000100"])
+    name = empty_db.rsplit("/", 1)[1]
+    planner = Path(sys.executable).with_name("planner")
+    res = subprocess.run([str(planner), "dev", "up"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PLANNER_DEV_DATABASE": name})
+    assert res.returncode == 1, res.stdout + res.stderr
+    line = one_error_line(res.stderr)
+    assert "squashed" in line and "`planner dev reset`" in line
+
+
+async def test_versions_from_another_checkout_are_refused(empty_db: str, tmp_path: Path):
+    write(tmp_path, "20260101000001_first.sql", "create table t (x int);")
+    await record_versions(empty_db, ["20990101000000"])
+    with pytest.raises(migrate.MigrationError, match="another checkout"):
+        await migrate.migrate(empty_db, tmp_path)
+    conn = await asyncpg.connect(empty_db)
+    try:
+        assert await conn.fetchval("select to_regclass('public.t')") is None
+    finally:
+        await conn.close()
 
 
 async def test_cli_migrates_any_database(empty_db: str, tmp_path: Path):

@@ -12,6 +12,7 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import asyncpg
 
@@ -20,6 +21,8 @@ from devstack.stack import SCAFFOLDING_SQL, prepare_database
 from listener.migrate import MIGRATIONS_DIR
 
 _TEMPLATE_LOCK = 0x7465_6D70_6C61
+#: The current definition of every object, one file per area, applied in name order.
+SCHEMA_DIR = MIGRATIONS_DIR / "schema"
 
 
 def schema_hash() -> str:
@@ -63,6 +66,33 @@ async def ensure_template(settings: DevSettings) -> str:
             await admin.execute("select pg_advisory_unlock($1)", _TEMPLATE_LOCK)
     finally:
         await admin.close()
+    return name
+
+
+def schema_files() -> list[Path]:
+    return sorted(SCHEMA_DIR.glob("*.sql"))
+
+
+async def create_from_schema_files(settings: DevSettings, prefix: str = "s") -> str:
+    """A new database built the other way: the scaffolding, then migrations/schema/*.sql (no
+    migration runner, no bookkeeping table). Returns its name; drop it with drop_database."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(settings.dsn())
+    try:
+        await admin.execute(f'create database "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(settings.dsn(name))
+    try:
+        await conn.execute(SCAFFOLDING_SQL.read_text())
+        for path in schema_files():
+            async with conn.transaction():
+                await conn.execute(path.read_text(encoding="utf-8"))
+    except BaseException:
+        await conn.close()
+        await drop_database(settings, name)
+        raise
+    await conn.close()
     return name
 
 

@@ -1,4 +1,9 @@
--- Planner schema, part 1: the tables and the constraints that need no code.
+-- Schema, part 1 of 4: the tables and the constraints that need no code.
+--
+-- The files in migrations/schema/ hold the CURRENT definition of every table, function, policy
+-- and grant, each exactly once (docs/database.md, "Where the schema lives"). They are the
+-- truth a reader opens; the migrations beside them are how a database gets there, and a test
+-- (tests/db/test_schema_files.py) checks that both give the same `pg_dump --schema-only`.
 --
 -- Tenant boundary (invariant 1). Every row carries organization_id, and every reference to a
 -- parent row is a *composite* foreign key that includes organization_id (and, where the parent
@@ -7,11 +12,11 @@
 -- to table owners, foreign keys apply to everybody. The extra `unique (id, organization_id)`
 -- constraints exist only to be the targets of those keys.
 --
--- The functions, triggers, policies and grants that complete the picture are in the next
--- migrations; docs/database.md describes the whole.
+-- The functions and triggers that complete the picture are in 20_rules.sql and 30_engine.sql,
+-- the roles, grants and policies in 40_access.sql.
 
-create schema if not exists planner_engine;   -- engine functions + settings; never exposed by PostgREST
-create schema if not exists planner_private;  -- RLS/trigger helpers; not exposed either
+create schema planner_engine;   -- engine functions + settings; never exposed by PostgREST
+create schema planner_private;  -- RLS/trigger helpers; not exposed either
 comment on schema planner_engine is
   'Functions the planner engine (listener) calls, fenced on a per-claim lease. Not exposed by PostgREST.';
 comment on schema planner_private is
@@ -178,13 +183,19 @@ create index allocation_planner_runs_org_created_idx
   on public.allocation_planner_runs (organization_id, created_at);
 
 -- -- the plan ------------------------------------------------------------------------------
+-- Every commit rewrites each line it keeps (planner_run_id, created_at: the run and the time
+-- that produced it). Neither column is indexed and half of each page is left free, so that
+-- rewrite is a HOT update: the new row version stays on its page and needs no index entries.
+-- (The only look-up by planner_run_id is the foreign key's ON DELETE SET NULL when a run row
+-- is deleted, and the (allocation_run_id, line_number) key narrows that to one allocation
+-- run's lines.)
 create table public.job_lines (
   id uuid primary key default gen_random_uuid(),
   organization_id uuid not null,
   allocation_run_id uuid not null,
   line_number integer not null check (line_number >= 1),
   planner_run_id uuid,  -- the run that produced the line; NULL for hand-made/restored orphans
-  created_at timestamptz not null default now(),
+  created_at timestamptz not null default now(),  -- when that run (or restore) wrote it
   unique (allocation_run_id, line_number),
   unique (id, allocation_run_id, organization_id),
   foreign key (allocation_run_id, organization_id)
@@ -192,9 +203,8 @@ create table public.job_lines (
   foreign key (planner_run_id, allocation_run_id, organization_id)
     references public.allocation_planner_runs (id, allocation_run_id, organization_id)
     on delete set null (planner_run_id)
-);
+) with (fillfactor = 50);
 create index job_lines_org_idx on public.job_lines (organization_id);
-create index job_lines_run_idx on public.job_lines (planner_run_id);
 
 create table public.rotations (
   id uuid primary key default gen_random_uuid(),

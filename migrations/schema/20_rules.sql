@@ -1,4 +1,4 @@
--- Planner schema, part 2: the invariants that need code (helpers and triggers).
+-- Schema, part 2 of 4: the invariants that need code (helpers, triggers, plans as JSON).
 --
 -- Custom SQLSTATEs (class "PL", no clash with PostgreSQL's own classes); docs/database.md
 -- lists them with the hint each carries:
@@ -146,6 +146,8 @@ $$;
 
 -- BEFORE INSERT on allocation_planner_runs. SECURITY INVOKER on purpose: it needs the
 -- inserting role in current_user to tell a user's request from the service role's.
+-- A rule set listed twice would be refused by the solver; since the intent is unambiguous,
+-- duplicate codes are dropped here, keeping the first position.
 create function planner_private.allocation_planner_runs_before_insert()
 returns trigger
 language plpgsql set search_path = ''
@@ -171,6 +173,10 @@ begin
     new.requested_by := auth.uid();
     new.created_at := now();  -- no back-dating around the hourly limit
   end if;
+  -- Duplicates are dropped, first position kept: ['A','B','A'] -> ['A','B'].
+  new.constraints := array(
+    select c from unnest(new.constraints) with ordinality as u(c, i)
+     group by c order by min(i));
   v_max_attempts := planner_private.admit_run(
     new.organization_id, new.allocation_run_id, new.n_job_lines, new.constraints, v_user);
   if v_user then
@@ -233,38 +239,53 @@ create trigger rotations_touch_updated_at
   before update on public.rotations
   for each row execute function planner_private.touch_updated_at();
 
+
 -- -- plans as JSON ---------------------------------------------------------------------------
--- The current plan of an allocation run in the solver's shape
--- {"lines": [{"line", "rotations": {term: team}, "pinned": [term]}]}, or NULL without lines.
--- p_with_provenance adds each line's planner_run_id (snapshots keep it; the solver's strict
--- model would refuse the extra key).
+-- A plan travels as {"lines": [{"line", "rotations": {term: team}, "pinned": [term]}]}: the
+-- solver's shape, what commit_plan accepts and what job_lines_history keeps. Everything below
+-- is set-based: one statement per step over the whole plan, never a loop over lines or cells
+-- (a 250-line plan is 1,250 rotations; per-row work was what made commit_plan slow).
+
+-- The current plan of an allocation run in that shape, or NULL without lines. "pinned" is in
+-- term order. p_with_provenance adds each line's planner_run_id (snapshots keep it; the
+-- solver's strict model would refuse the extra key). Built with the json functions and cast
+-- once at the end: for a plan of a few thousand cells that is markedly cheaper than building
+-- each jsonb object on the way.
 create function planner_private.current_plan(p_allocation_run_id uuid, p_with_provenance boolean)
 returns jsonb
 language sql stable security definer set search_path = ''
 as $$
-  select case when count(*) = 0 then null
-              else jsonb_build_object('lines', jsonb_agg(x.line order by x.n)) end
+  select json_build_object('lines', json_agg(x.line order by x.n))::jsonb
     from (
       select l.line_number as n,
-             jsonb_build_object(
-               'line', l.line_number,
-               'rotations', coalesce(
-                 (select jsonb_object_agg(ro.term_id::text, ro.team_id::text)
-                    from public.rotations ro where ro.job_line_id = l.id), '{}'::jsonb),
-               'pinned', coalesce(
-                 (select jsonb_agg(ro.term_id::text order by t.ordinal)
-                    from public.rotations ro join public.terms t on t.id = ro.term_id
-                   where ro.job_line_id = l.id and ro.pinned), '[]'::jsonb))
-             || case when p_with_provenance
-                     then jsonb_build_object('planner_run_id', l.planner_run_id)
-                     else '{}'::jsonb end as line
+             case when p_with_provenance
+                  then json_build_object('line', l.line_number, 'rotations', g.rotations,
+                                         'pinned', g.pinned, 'planner_run_id', l.planner_run_id)
+                  else json_build_object('line', l.line_number, 'rotations', g.rotations,
+                                         'pinned', g.pinned) end as line
         from public.job_lines l
+        cross join lateral (
+          select coalesce(json_object_agg(ro.term_id, ro.team_id)
+                            filter (where ro.term_id is not null), '{}'::json) as rotations,
+                 coalesce(json_agg(ro.term_id order by t.ordinal) filter (where ro.pinned),
+                          '[]'::json) as pinned
+            from public.rotations ro
+            join public.terms t on t.id = ro.term_id
+           where ro.job_line_id = l.id) g
        where l.allocation_run_id = p_allocation_run_id) x
+  having count(*) > 0
 $$;
 
 -- Validates a plan against its allocation run: PL004 for a malformed payload, PL002 for a
 -- term or team of another allocation run / organisation (the composite keys would refuse it
--- too, but with a less useful message).
+-- too, but with a less useful message). The first failure is reported, in this order: shape of
+-- each line, duplicate line numbers, uuids, pins, terms, teams, coverage.
+--
+-- Two passes over the plan, whatever its size: one over the lines (shape, duplicates, pins,
+-- coverage against the allocation run's terms), one over the cells that keeps the distinct
+-- (term, team) pairs. The uuid format and the catalogue look-ups then run on the DISTINCT
+-- terms and teams (a few dozen), not on each of the 1,250 cells of a 250-line plan, and the
+-- offending line is looked up only when there is an error to report.
 create function planner_private.check_plan(
   p_plan jsonb, p_allocation_run_id uuid, p_organization_id uuid
 ) returns void
@@ -273,86 +294,144 @@ as $$
 declare
   uuid_re constant text := '^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$';
   v_bad text;
+  v_bad_ordinal bigint;
+  v_lines bigint;
+  v_distinct_lines bigint;
+  v_bad_pin_ordinal bigint;
+  v_uncovered_ordinal bigint;
+  v_run_terms text[];     -- the allocation run's terms, as text (coverage)
+  v_own_terms uuid[];     -- ... that belong to the organisation too (membership)
+  v_terms text[];         -- the distinct terms the plan names
+  v_teams text[];         -- the distinct teams it names
+  v_team_ids uuid[];
+  v_bad_terms text[];
+  v_bad_teams text[];
 begin
   if p_plan is null or jsonb_typeof(p_plan -> 'lines') is distinct from 'array' then
     raise exception using errcode = 'PL004', message = 'a plan must be an object with a "lines" array';
   end if;
 
-  select format('line #%s', o) into v_bad
-    from jsonb_array_elements(p_plan -> 'lines') with ordinality as e(x, o)
-   where jsonb_typeof(x) <> 'object'
-      or coalesce(x ->> 'line', '') !~ '^[1-9][0-9]{0,8}$'
-      or jsonb_typeof(x -> 'rotations') is distinct from 'object'
-      or (x ? 'pinned' and jsonb_typeof(x -> 'pinned') <> 'array')
-   limit 1;
-  if v_bad is not null then
-    raise exception using errcode = 'PL004',
-      message = format('malformed plan: %s needs a positive integer "line", a "rotations" '
-                       'object and optionally a "pinned" array', v_bad);
-  end if;
+  select coalesce(array_agg(t.id::text), '{}'),
+         coalesce(array_agg(t.id) filter (where t.organization_id = p_organization_id), '{}')
+    into v_run_terms, v_own_terms
+    from public.terms t where t.allocation_run_id = p_allocation_run_id;
 
-  select x ->> 'line' into v_bad
-    from jsonb_array_elements(p_plan -> 'lines') x
-   group by x ->> 'line' having count(*) > 1 limit 1;
-  if v_bad is not null then
+  -- Pass 1, the lines. A malformed line is left out of the pin and coverage checks (CASE
+  -- keeps their expressions away from it), it is reported first anyway.
+  select min(e.o) filter (where s.malformed),
+         count(*), count(distinct e.x ->> 'line'),
+         min(e.o) filter (where case when s.malformed then false
+                                     when jsonb_array_length(coalesce(e.x -> 'pinned', '[]')) = 0
+                                       then false
+                                     else exists (
+                                       select 1 from jsonb_array_elements(e.x -> 'pinned') p
+                                        where jsonb_typeof(p) <> 'string'
+                                           or not (e.x -> 'rotations') ? (p #>> '{}')) end),
+         min(e.o) filter (where case when s.malformed then false
+                                     else not (e.x -> 'rotations') ?& v_run_terms end)
+    into v_bad_ordinal, v_lines, v_distinct_lines, v_bad_pin_ordinal, v_uncovered_ordinal
+    from jsonb_array_elements(p_plan -> 'lines') with ordinality as e(x, o)
+    cross join lateral (
+      select jsonb_typeof(e.x) <> 'object'
+          or coalesce(e.x ->> 'line', '') !~ '^[1-9][0-9]{0,8}$'
+          or jsonb_typeof(e.x -> 'rotations') is distinct from 'object'
+          or (e.x ? 'pinned' and jsonb_typeof(e.x -> 'pinned') <> 'array') as malformed) s;
+  if v_bad_ordinal is not null then
+    raise exception using errcode = 'PL004',
+      message = format('malformed plan: line #%s needs a positive integer "line", a '
+                       '"rotations" object and optionally a "pinned" array', v_bad_ordinal);
+  end if;
+  if v_distinct_lines <> v_lines then
+    select x ->> 'line' into v_bad
+      from jsonb_array_elements(p_plan -> 'lines') x
+     group by x ->> 'line' having count(*) > 1 order by min((x ->> 'line')::bigint) limit 1;
     raise exception using errcode = 'PL004', message = format('malformed plan: line %s appears twice', v_bad);
   end if;
 
-  select format('line %s: %s', x ->> 'line', v) into v_bad
-    from jsonb_array_elements(p_plan -> 'lines') x,
-         lateral (select r.key as v from jsonb_each(x -> 'rotations') r
-                   where r.key !~ uuid_re or jsonb_typeof(r.value) <> 'string'
-                      or r.value #>> '{}' !~ uuid_re
-                  union all
-                  select p #>> '{}' from jsonb_array_elements(coalesce(x -> 'pinned', '[]')) p
-                   where jsonb_typeof(p) <> 'string' or not (x -> 'rotations') ? (p #>> '{}')) bad
-   limit 1;
+  -- Pass 2, the cells: the distinct terms (keys) and teams (values), through the distinct
+  -- (term, team) pairs (a few hundred, hashed).
+  -- A value that is not a JSON string comes out as its JSON text (or NULL for null), which
+  -- the uuid pattern below refuses just as it refuses a string that is not a uuid.
+  with pairs as materialized (
+    select r.key, r.value
+      from jsonb_array_elements(p_plan -> 'lines') x, jsonb_each_text(x -> 'rotations') r
+     group by r.key, r.value
+  )
+  select array(select distinct pr.key from pairs pr),
+         array(select distinct pr.value from pairs pr)
+    into v_terms, v_teams;
+
+  -- uuids, then pins that name a term of their own line.
+  v_bad_terms := array(select k from unnest(v_terms) k where k !~ uuid_re);
+  v_bad_teams := array(select v from unnest(v_teams) v where v is null or v !~ uuid_re);
+  if cardinality(v_bad_terms) > 0 or cardinality(v_bad_teams) > 0 then
+    select format('line %s: %s', x ->> 'line', r.key) into v_bad
+      from jsonb_array_elements(p_plan -> 'lines') x, jsonb_each_text(x -> 'rotations') r
+     where r.key = any (v_bad_terms) or r.value = any (v_bad_teams)
+        or (r.value is null and array_position(v_bad_teams, null) is not null)
+     order by (x ->> 'line')::bigint
+     limit 1;
+  elsif v_bad_pin_ordinal is not null then
+    select format('line %s: %s', l.x ->> 'line', p #>> '{}') into v_bad
+      from (select p_plan -> 'lines' -> (v_bad_pin_ordinal::integer - 1) as x) l,
+           jsonb_array_elements(l.x -> 'pinned') p
+     where jsonb_typeof(p) <> 'string' or not (l.x -> 'rotations') ? (p #>> '{}')
+     limit 1;
+  end if;
   if v_bad is not null then
     raise exception using errcode = 'PL004',
       message = format('malformed plan: %s is not a term uuid mapped to a team uuid, or a pin '
                        'without a rotation', v_bad);
   end if;
 
-  select r.key into v_bad
-    from jsonb_array_elements(p_plan -> 'lines') x, jsonb_each_text(x -> 'rotations') r
-   where not exists (select 1 from public.terms t
-                      where t.id = r.key::uuid and t.allocation_run_id = p_allocation_run_id
-                        and t.organization_id = p_organization_id)
-   limit 1;
+  select k into v_bad from unnest(v_terms) k where k::uuid <> all (v_own_terms) limit 1;
   if v_bad is not null then
     raise exception using errcode = 'PL002',
       message = format('term %s is not a term of allocation run %s', v_bad, p_allocation_run_id),
       hint = 'a plan may only use the terms of its own allocation run';
   end if;
 
-  select r.value into v_bad
-    from jsonb_array_elements(p_plan -> 'lines') x, jsonb_each_text(x -> 'rotations') r
-   where not exists (select 1 from public.teams tm
-                      where tm.id = r.value::uuid and tm.organization_id = p_organization_id)
-   limit 1;
-  if v_bad is not null then
+  -- One index scan for all the teams; the missing one is looked for only if there is one.
+  v_team_ids := array(select distinct v::uuid from unnest(v_teams) v);
+  if (select count(*) from public.teams tm
+       where tm.id = any (v_team_ids) and tm.organization_id = p_organization_id)
+     < cardinality(v_team_ids) then
+    select v into v_bad
+      from unnest(v_teams) v
+     where not exists (select 1 from public.teams tm
+                        where tm.id = v::uuid and tm.organization_id = p_organization_id)
+     limit 1;
     raise exception using errcode = 'PL002',
       message = format('team %s is not a team of organisation %s', v_bad, p_organization_id),
       hint = 'a plan may only use the teams of its own organisation';
   end if;
 
-  -- One rotation per line per term: every line covers exactly the allocation run's terms.
-  select format('line %s, term %s', x ->> 'line', t.id) into v_bad
-    from jsonb_array_elements(p_plan -> 'lines') x
-    cross join public.terms t
-   where t.allocation_run_id = p_allocation_run_id
-     and not (x -> 'rotations') ? t.id::text
-   limit 1;
-  if v_bad is not null then
+  -- One rotation per line per term: every line covers exactly the allocation run's terms
+  -- (no other terms can be left after the check above).
+  if v_uncovered_ordinal is not null then
+    select format('line %s, term %s', x ->> 'line', t) into v_bad
+      from (select p_plan -> 'lines' -> (v_uncovered_ordinal::integer - 1) as x) l,
+           unnest(v_run_terms) t
+     where not (x -> 'rotations') ? t
+     limit 1;
     raise exception using errcode = 'PL004',
       message = format('malformed plan: no rotation for %s (every line needs one per term)', v_bad);
   end if;
 end
 $$;
 
--- Replaces an allocation run's plan: snapshot the current lines into job_lines_history,
--- delete them, insert p_plan. Returns the snapshot id (NULL when there was nothing to keep).
--- Callers (commit_plan, restore_job_lines) have already checked who may do this.
+-- Replaces an allocation run's plan with p_plan, after a snapshot of the current one into
+-- job_lines_history. Returns the snapshot id (NULL when there was nothing to keep). Callers
+-- (commit_plan, restore_job_lines) have already checked who may do this.
+--
+-- Set-based, and it writes only what changes: one INSERT of the snapshot, then one statement
+-- that deletes the lines the new plan no longer has (their rotations go with them, by the
+-- cascade), updates the lines it keeps and inserts the ones it adds (each now carries the
+-- committing run), and upserts the rotations whose team or pin differs. A re-plan
+-- keeps most cells (the solver prefers the previous plan), so most of the 1,250 rotations of
+-- a 250-line plan are left as they are instead of being deleted and inserted again with their
+-- index entries and foreign-key checks. The plan afterwards is p_plan exactly; a kept row
+-- keeps its id, and a rotation's updated_at moves only when the rotation changes.
 create function planner_private.replace_plan(
   p_allocation_run_id uuid,
   p_organization_id uuid,
@@ -387,10 +466,13 @@ begin
       (p_organization_id, p_allocation_run_id, p_planner_run_id, p_restored_snapshot_id,
        p_taken_by, jsonb_array_length(v_old -> 'lines'), v_old)
     returning id into v_snapshot;
-    delete from public.job_lines where allocation_run_id = p_allocation_run_id;
   end if;
 
-  with l as (
+  -- The CTEs touch disjoint rows (a line is either dropped or in the plan), and the foreign
+  -- keys are checked at the end of the statement, when the new lines are in place. Which cells
+  -- changed is read off the snapshot just taken (v_old), so the unchanged ones cost no table
+  -- access at all; ON CONFLICT still compares each written cell with its latest row version.
+  with new_lines as materialized (
     select (x ->> 'line')::integer as n,
            x -> 'rotations' as rot,
            coalesce(x -> 'pinned', '[]'::jsonb) as pins,
@@ -400,18 +482,53 @@ begin
                        where r.id::text = x ->> 'planner_run_id'
                          and r.allocation_run_id = p_allocation_run_id) end as run_id
       from jsonb_array_elements(p_plan -> 'lines') x
-  ), ins as (
-    insert into public.job_lines (organization_id, allocation_run_id, line_number, planner_run_id)
-    select p_organization_id, p_allocation_run_id, l.n, l.run_id from l
+  ), old_lines as materialized (
+    select (o ->> 'line')::integer as n, o -> 'rotations' as rot, o -> 'pinned' as pins
+      from jsonb_array_elements(v_old -> 'lines') o
+  ), dropped as (
+    delete from public.job_lines j
+     where j.allocation_run_id = p_allocation_run_id
+       and not exists (select 1 from new_lines nl where nl.n = j.line_number)
+  ), updated as (
+    update public.job_lines j
+       set planner_run_id = nl.run_id, created_at = now()
+      from new_lines nl
+     where j.allocation_run_id = p_allocation_run_id and j.line_number = nl.n
+    returning j.id, j.line_number
+  ), added as (
+    insert into public.job_lines
+      (organization_id, allocation_run_id, line_number, planner_run_id)
+    select p_organization_id, p_allocation_run_id, nl.n, nl.run_id
+      from new_lines nl
+     where not exists (select 1 from public.job_lines j
+                        where j.allocation_run_id = p_allocation_run_id and j.line_number = nl.n)
     returning id, line_number
+  ), added_rotations as (
+    -- the rotations of the lines just added: nothing to compare with, a plain insert
+    insert into public.rotations
+      (organization_id, allocation_run_id, job_line_id, term_id, team_id, pinned)
+    select p_organization_id, p_allocation_run_id, a.id, r.key::uuid, r.value::uuid,
+           nl.pins ? r.key
+      from added a
+      join new_lines nl on nl.n = a.line_number
+      cross join lateral jsonb_each_text(nl.rot) r
   )
-  insert into public.rotations
+  -- the rotations of the kept lines that differ from the snapshot (a term added since the
+  -- last commit has no row yet: inserted)
+  insert into public.rotations as ro
     (organization_id, allocation_run_id, job_line_id, term_id, team_id, pinned)
-  select p_organization_id, p_allocation_run_id, ins.id, r.key::uuid, r.value::uuid,
-         l.pins ? r.key
-    from ins
-    join l on l.n = ins.line_number
-    cross join lateral jsonb_each_text(l.rot) r;
+  select p_organization_id, p_allocation_run_id, u.id, r.key::uuid, r.value::uuid,
+         nl.pins ? r.key
+    from updated u
+    join new_lines nl on nl.n = u.line_number
+    join old_lines ol on ol.n = nl.n
+    cross join lateral jsonb_each_text(nl.rot) r
+   where (ol.rot <> nl.rot or ol.pins <> nl.pins)                  -- the line changed
+     and (ol.rot ->> r.key is distinct from r.value                 -- and so did this cell
+          or (ol.pins ? r.key) <> (nl.pins ? r.key))
+  on conflict (job_line_id, term_id) do update
+     set team_id = excluded.team_id, pinned = excluded.pinned
+   where (ro.team_id, ro.pinned) is distinct from (excluded.team_id, excluded.pinned);
 
   return v_snapshot;
 end

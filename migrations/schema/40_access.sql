@@ -1,4 +1,4 @@
--- Planner schema, part 4: who may do what. Roles, grants, RLS, Realtime, the sweeper's cron job.
+-- Schema, part 4 of 4: who may do what. Roles, grants, RLS, Realtime, the sweeper's cron job.
 --
 -- Two layers: GRANTs say which statements a role may run at all (a viewer has no UPDATE on
 -- runs, whatever the policies say), RLS policies say on which rows. Both are deny-by-default:
@@ -46,6 +46,10 @@ grant select, update (team_id, pinned) on public.rotations to authenticated;
 grant all on all tables in schema public to service_role;
 
 grant usage on schema planner_engine to planner_engine;
+-- PostgreSQL 15 grants USAGE on `public` to PUBLIC by default, but a hosted project may have
+-- tightened that; say it explicitly so the listener's catch-up query
+-- (`select ... from public.allocation_planner_runs`) never depends on a default.
+grant usage on schema public to planner_engine;
 grant select on public.organizations, public.planner_rule_sets, public.allocation_runs,
   public.terms, public.teams, public.team_demand, public.allocation_planner_runs
   to planner_engine;

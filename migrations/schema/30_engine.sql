@@ -1,10 +1,12 @@
--- Planner schema, part 3: the engine's API (schema planner_engine) and the two functions
+-- Schema, part 3 of 4: the engine's API (schema planner_engine) and the two functions
 -- users call (public.request_cancel, public.restore_job_lines).
 --
 -- The engine never touches tables directly. Every write is one of these functions, and every
 -- write after the claim is fenced on the claim's lease: a worker that lost its run (swept,
--- re-queued, claimed by another worker) gets PL001 and nothing is written. See
--- /work/shared/research/queue-anchors.md §4–5 for why (zombie completions, sweeper races).
+-- re-queued, claimed by another worker) gets PL001 and nothing is written. Without the fence a
+-- worker that stalled past the sweeper's TTL would still commit its plan over the newer run's
+-- (a zombie completion), and a heartbeat racing the sweeper could revive a run the sweeper
+-- had already handed to someone else; docs/reliability.md lists the tests of both.
 
 create function planner_private.raise_lease_lost(p_run_id uuid, p_status text)
 returns void
@@ -99,6 +101,19 @@ as $$
 $$;
 
 -- -- the problem -----------------------------------------------------------------------------
+-- Returns exactly the solver's Problem JSON (solver/problem.py: Problem, Team, PreviousPlan,
+-- Options; those models refuse unknown keys), so the listener validates it as is:
+-- * "teams" are the teams with demand in this allocation run PLUS the teams the current plan
+--   uses: a manager can move a rotation to a team without demand, and previous_plan may only
+--   name listed teams;
+-- * a team without a site has "site": null ('' in the column means none as well); subspecialty
+--   needs no default, the column is NOT NULL and non-blank (the 25 % rule groups by it);
+-- * "previous_plan" leaves out lines beyond n_job_lines: asking for fewer lines than the
+--   current plan has is a normal request; the surplus lines (and their pins) are not part of
+--   the problem, the new plan has no such lines and the old ones stay in job_lines_history.
+--   JSON null when no line is left;
+-- * the UI's column `constraints` becomes "rule_sets" here, and only here;
+-- * "options" is the column as stored (NOT NULL, an object; '{}' by default).
 create function planner_engine.load_problem(p_run_id uuid, p_lease uuid)
 returns jsonb
 language plpgsql stable security definer set search_path = ''
@@ -110,7 +125,7 @@ begin
   if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
     perform planner_private.raise_lease_lost(p_run_id, r.status);
   end if;
-  -- Strings are never JSON null (the solver's models are strict): '' stands for "none".
+
   return jsonb_build_object(
     'terms', (
       select coalesce(jsonb_agg(jsonb_build_object(
@@ -119,13 +134,16 @@ begin
     'teams', (
       select coalesce(jsonb_agg(jsonb_build_object(
                'id', tm.id::text, 'name', tm.name, 'specialty', tm.specialty,
-               'subspecialty', coalesce(tm.subspecialty, ''), 'kind', tm.kind,
-               'experiences', to_jsonb(tm.experiences), 'site', coalesce(tm.site, ''),
+               'subspecialty', tm.subspecialty, 'kind', tm.kind,
+               'experiences', to_jsonb(tm.experiences), 'site', nullif(tm.site, ''),
                'rural', tm.rural, 'tags', to_jsonb(tm.tags)) order by tm.name, tm.id), '[]')
         from public.teams tm
        where tm.organization_id = r.organization_id
-         and exists (select 1 from public.team_demand d
-                      where d.allocation_run_id = r.allocation_run_id and d.team_id = tm.id)),
+         and (exists (select 1 from public.team_demand d
+                       where d.allocation_run_id = r.allocation_run_id and d.team_id = tm.id)
+              or exists (select 1 from public.rotations ro
+                          where ro.allocation_run_id = r.allocation_run_id
+                            and ro.team_id = tm.id))),
     'demand', (
       select coalesce(jsonb_agg(jsonb_build_object(
                'team', d.team_id::text, 'term', d.term_id::text,
@@ -136,12 +154,22 @@ begin
        where d.allocation_run_id = r.allocation_run_id),
     'n_job_lines', r.n_job_lines,
     'rule_sets', to_jsonb(r.constraints),
-    'previous_plan', planner_private.current_plan(r.allocation_run_id, false),
-    'options', coalesce(r.options, '{}'::jsonb));
+    'previous_plan', (
+      select jsonb_build_object('lines', jsonb_agg(x order by (x ->> 'line')::integer))
+        from jsonb_array_elements(
+               planner_private.current_plan(r.allocation_run_id, false) -> 'lines') x
+       where (x ->> 'line')::integer <= r.n_job_lines
+      having count(*) > 0),
+    'options', r.options);
 end
 $$;
 
 -- -- results ---------------------------------------------------------------------------------
+-- The listener's one write of a solved plan, p_plan in the shape of planner_private.check_plan
+-- ({"lines": [{line, rotations: {term: team}, pinned: [term]}]}): fenced on the lease (PL001),
+-- checked (PL002, PL004), the old plan snapshotted and replaced set-based (replace_plan), the
+-- run COMPLETED, all in the caller's one transaction. Returns the snapshot id (NULL when the
+-- allocation run had no lines yet).
 create function planner_engine.commit_plan(
   p_run_id uuid,
   p_lease uuid,
