@@ -122,14 +122,7 @@ class ListenerProcess:
 
     def stop_now(self) -> None:
         """Test teardown: SIGTERM, then SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.proc.wait(timeout=5)
+        stop_all([self])
 
     def log(self, chars: int = 6000) -> str:
         try:
@@ -184,6 +177,21 @@ class ListenerProcess:
     async def wait_solving(self, timeout_s: float = 30.0) -> None:
         """Until this listener's solver child has started on a run (`planner_solving` 1)."""
         await self.wait_metric("planner_solving", lambda v: v == 1, timeout_s)
+
+
+def stop_all(procs: list[ListenerProcess]) -> None:
+    """Test teardown of several listeners: SIGTERM to every one first, then wait for each
+    (SIGKILL if it lingers past 15 s), so they shut down side by side, not one by one."""
+    live = [p for p in procs if p.proc is not None and p.proc.poll() is None]
+    for p in live:
+        p.terminate()
+    for p in live:
+        assert p.proc is not None
+        try:
+            p.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.proc.wait(timeout=5)
 
 
 async def insert_run(
