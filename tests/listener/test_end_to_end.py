@@ -79,9 +79,11 @@ async def logs_of(
             "select level, message, traceback from planner_execution_logs"
             " where planner_run_id = $1 order by logged_at, id", run_id,
         )
-        found = containing is None or any(containing in r["message"] for r in rows)
-        if found or asyncio.get_running_loop().time() > deadline:
+        if containing is None or any(containing in r["message"] for r in rows):
             return rows
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no log row {containing!r} for run {run_id} in {wait_s}s;"
+                                 f" have {[r['message'] for r in rows]}")
         await asyncio.sleep(0.1)
 
 
@@ -254,6 +256,11 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
     await until(lambda: not any(process_alive(p) for p in solver_children) or None, 15,
                 "the solver child outlived its killed listener")
     assert (await run_row(db, run_id))["status"] == "GENERATING"
+    # Nobody heartbeats the run any more: wait until its lease is older than the TTL below.
+    await until(lambda: db.fetchval(
+        "select nullif(heartbeat_at < now() - interval '1 second', false)"
+        " from allocation_planner_runs where id = $1", run_id), 15,
+        "the killed listener's run still has a fresh heartbeat")
     swept = await db.fetchval("select planner_engine.sweep_stale_runs('1 second')")
     assert swept >= 1
     row = await run_row(db, run_id)
