@@ -7,10 +7,9 @@ Everything is real: the local Realtime server on the module database, the offici
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -68,6 +67,26 @@ async def rest_broadcast(server: RealtimeServer, token: str, topic: str,
                             "private": private}]},
     ) as resp:
         return resp.status
+
+
+async def self_echo(client: PyClient, name: str) -> Callable[[], Awaitable[None]]:
+    """Join a public channel that hears its own broadcasts; the returned function sends one
+    and waits for it: proof that the server has handled every frame the client sent before
+    (it handles one socket's frames one at a time, in order)."""
+    ch = client.channel(name, {"broadcast": {"self": True, "ack": False}})
+    client.on_broadcast(ch)
+    assert await client.subscribe(ch) == "SUBSCRIBED"
+    sent = 0
+
+    async def echo() -> None:
+        nonlocal sent
+        sent += 1
+        mark = {"echo": sent}
+        await ch.send_broadcast("echo", mark)
+        await client.events.wait(lambda e: e.get("kind") == "bc" and e.get("ch") == name
+                                 and e["payload"].get("payload") == mark, wait_s=10)
+
+    return echo
 
 
 async def test_only_members_join_a_run_channel(
@@ -128,12 +147,18 @@ async def test_nobody_but_the_engine_broadcasts_on_a_run_channel(
         clients.append(member)
         mch = member.channel(topic, {"private": True})
         assert await member.subscribe(mch) == "SUBSCRIBED"  # members may read...
+        echo = await self_echo(member, f"echo-{run_id}")
         await mch.send_broadcast("done", forged)  # ...but not write (no INSERT policy)
-        await watcher.events.none(kind("bc"), within=1.0)
-        # Control: the engine's key does reach the watcher.
+        # The server handles one socket's frames in order: once the member hears its own
+        # later broadcast, the forged one has been dropped or fanned out.
+        await echo()
+        # Control, and the sentinel: the engine's key does reach the watcher, and nothing
+        # forged reached it before (the REST calls above returned after their fan-out).
         service = keys.api_key("service_role", dev_settings.jwt_secret)
         assert await rest_broadcast(rt_server, service, topic, {"run_id": run_id}) == 202
-        got = await watcher.events.wait(kind("bc"), wait_s=5)
+        got = await watcher.events.none_before(
+            kind("bc"), sentinel=lambda e: e.get("kind") == "bc"
+            and "forged" not in e["payload"]["payload"])
         assert got["payload"]["payload"] == {"run_id": run_id}
         assert (await run_row(db, run_id))["status"] == "PENDING"  # events are not state
     finally:
@@ -214,11 +239,13 @@ async def test_tampered_events_change_nothing(
         clients.append(c)
         ch = c.channel("planner-engine-runs")
         assert await c.subscribe(ch) == "SUBSCRIBED"
+        echo = await self_echo(c, f"echo-{len(clients)}")
         for rec in records:
             for event in ("postgres_changes", "INSERT", "*"):
                 await ch.send_broadcast(event, _change(rec))
         assert await rest_broadcast(rt_server, token, "planner-engine-runs", _change(records[0]),
                                     private=False) in (202, 401)
+        await echo()  # every tampered frame of this socket has been fanned out
     # (b) into the listener's own callback, with the real engine claim behind every hint.
     hints: list[uuid.UUID] = []
     link = RealtimeLink(rt_server.url, anon, on_run=lambda rid, _ts: hints.append(rid),
@@ -232,16 +259,21 @@ async def test_tampered_events_change_nothing(
     finally:
         await eng.close()
     assert claimed == [None, None]
-    await asyncio.sleep(3)  # a catch-up scan (2 s) has run since
+    # The sentinel: a real run, inserted after every tampered event reached the listener's
+    # socket (the echoes above), whose change event comes after them on that socket. Once
+    # the listener has completed it, it has long handled the tampered ones.
+    status, ready = listener.readiness()
+    assert status == 200 and ready["database"] is True
+    real = await a_pending_run(db, a)
+    row = await wait_for_status(db, real, TERMINAL, timeout_s=60)
+    assert row["status"] == "COMPLETED"  # the listener is unharmed: it completes a real run
     after = {r["id"]: dict(r) for r in await db.fetch("select * from allocation_planner_runs")}
+    assert str(after.pop(row["id"])["id"]) == real
     assert after == before
     assert await db.fetchval("select count(*) from allocation_planner_runs where id::text = $1",
                              ghost) == 0
     assert not [r for r in listener.records()
                 if r.get("planner_run_id") in (done_run, ghost)]
-    # The listener is unharmed: ready, and it still completes a real run.
+    # ...and still ready afterwards.
     status, ready = listener.readiness()
     assert status == 200 and ready["database"] is True
-    real = await a_pending_run(db, a)
-    row = await wait_for_status(db, real, TERMINAL, timeout_s=60)
-    assert row["status"] == "COMPLETED"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -599,12 +599,16 @@ async def test_engine_role_is_least_privilege(su: asyncpg.Connection, engine: as
     assert not await su.fetchval("select pg_has_role('planner_engine', 'service_role', 'member')")
     # reads inputs and runs of every organisation (it plans for all of them)
     assert await engine.fetchval("select count(distinct organization_id) from teams") >= 2
-    runs = {org.id: await insert_run(su, org.id, org.allocation_run_id, status="CANCELLED",
-                                     finished_at=datetime.now(UTC))
-            for org in (world.a, world.b)}
-    seen = await engine.fetch("select id::text, organization_id::text from allocation_planner_runs"
-                              " where id = any($1::uuid[])", list(runs.values()))
-    assert {r["organization_id"]: r["id"] for r in seen} == runs
+    # ...and the runs of every organisation: one (finished) run in each of A and B.
+    mine = [await insert_run(su, org.id, (await new_allocation_run(su, org.id))[0])
+            for org in (world.a, world.b)]
+    await su.execute("update allocation_planner_runs set status = 'CANCELLED', finished_at = now()"
+                     " where id = any($1::uuid[])", mine)
+    assert await engine.fetchval("select count(distinct organization_id)"
+                                 " from allocation_planner_runs where id = any($1::uuid[])",
+                                 mine) == 2
+    every_run = "select count(*) from allocation_planner_runs"
+    assert await engine.fetchval(every_run) == await su.fetchval(every_run)
     for sql in (
         "insert into job_lines (organization_id, allocation_run_id, line_number)"
         f" values ('{world.a.id}', '{world.a.allocation_run_id}', 900)",

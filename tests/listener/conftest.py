@@ -11,7 +11,7 @@ import pytest
 
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
-from tests.support.harness import ListenerProcess, listener_env
+from tests.support.harness import ListenerProcess, listener_env, stop_all
 from tests.support.realtime import RealtimeServer
 
 #: Small but real: 5 terms, VIC_PGY1, solved in about a second with a 1 s time limit.
@@ -55,5 +55,4 @@ def listeners(
         return proc
 
     yield start
-    for proc in made:
-        proc.stop_now()
+    stop_all(made)

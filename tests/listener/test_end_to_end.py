@@ -28,10 +28,12 @@ from tests.support.harness import (
     process_alive,
     run_row,
     stored_problem_and_plan,
+    until,
     wait_all,
     wait_for_status,
 )
 from tests.support.realtime import RealtimeServer
+from tests.support.roles import acting_as
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -51,6 +53,16 @@ async def start_run(
     )
 
 
+async def cancel(db: asyncpg.Connection, org: SeededOrganization, run_id: str) -> None:
+    async with acting_as(db, "authenticated", sub=org.planner.id) as c:
+        await c.execute("select public.request_cancel($1)", run_id)
+
+
+async def plan_size(db: asyncpg.Connection, org: SeededOrganization) -> int:
+    return int(await db.fetchval(
+        "select count(*) from job_lines where allocation_run_id = $1", org.allocation_run_id))
+
+
 async def assert_valid_plan(db: asyncpg.Connection, run_id: str) -> None:
     problem, plan = await stored_problem_and_plan(db, run_id)
     assert len(plan.lines) == problem.n_job_lines
@@ -67,9 +79,11 @@ async def logs_of(
             "select level, message, traceback from planner_execution_logs"
             " where planner_run_id = $1 order by logged_at, id", run_id,
         )
-        found = containing is None or any(containing in r["message"] for r in rows)
-        if found or asyncio.get_running_loop().time() > deadline:
+        if containing is None or any(containing in r["message"] for r in rows):
             return rows
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"no log row {containing!r} for run {run_id} in {wait_s}s;"
+                                 f" have {[r['message'] for r in rows]}")
         await asyncio.sleep(0.1)
 
 
@@ -80,6 +94,9 @@ async def test_insert_to_valid_plan_with_progress_for_members_only(
     a, b = orgs[0], orgs[1]
     # The run exists before any listener does, so both UI clients can join its channel first.
     run_id = await start_run(db, a, {"time_limit_seconds": 2, "deterministic": True})
+    # B's own run, cancelled at once: later a change to it is the outsider's sentinel.
+    b_run = await start_run(db, b)
+    await cancel(db, b, b_run)
     anon = keys.api_key("anon", dev_settings.jwt_secret)
     member, outsider = JsClient(rt_server.url, anon), JsClient(rt_server.url, anon)
     await member.start()
@@ -99,6 +116,8 @@ async def test_insert_to_valid_plan_with_progress_for_members_only(
         listener = listeners("L1")
         row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
         assert row["status"] == "COMPLETED", row
+        # Logged after the run's last broadcast returned (REST: fanned out before the reply).
+        await listener.wait_record("run finished")
         await assert_valid_plan(db, run_id)
         done = await member.events.wait(
             lambda e: e.get("type") == "broadcast" and e["payload"]["event"] == "done", wait_s=10)
@@ -114,10 +133,13 @@ async def test_insert_to_valid_plan_with_progress_for_members_only(
                                      "elapsed_ms", "time_limit_ms"}
         # The member also saw its row change; the outsider saw nothing of organisation A.
         await member.events.wait(lambda e: e.get("type") == "postgres_changes", wait_s=5)
-        await asyncio.sleep(0.5)
-        leaked = [e for e in outsider.events.items
-                  if e.get("type") in ("broadcast", "postgres_changes")]
-        assert leaked == []
+        # The sentinel: a change of B's run, committed after A's last change and A's last
+        # broadcast; the outsider sees it, and anything of A's would have come before it.
+        await db.execute("update allocation_planner_runs set error = error where id = $1", b_run)
+        await outsider.events.none_before(
+            lambda e: e.get("type") in ("broadcast", "postgres_changes"),
+            sentinel=lambda e: e.get("type") == "postgres_changes"
+            and e["payload"].get("new", {}).get("id") == b_run, wait_s=10)
         # Run logs landed in the database, bound to the run and its organisation.
         logs = await logs_of(db, run_id, "plan written")
         assert any("plan written" in r["message"] for r in logs)
@@ -179,19 +201,14 @@ async def test_cancel_stops_the_solve_and_keeps_the_old_plan(
     big = orgs[-1]
     listener = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60)
     await listener.wait_ready()
-    before = await db.fetchval(
-        "select count(*) from job_lines where allocation_run_id = $1", big.allocation_run_id)
+    before = await plan_size(db, big)
     run_id = await start_run(db, big, {"time_limit_seconds": 60})
     await wait_for_status(db, run_id, {"GENERATING"}, 30)
-    await asyncio.sleep(1.5)
-    from tests.support.roles import acting_as
-
-    async with acting_as(db, "authenticated", sub=big.planner.id) as c:
-        await c.execute("select public.request_cancel($1)", run_id)
+    await listener.wait_solving()  # the cancel must stop a running solve
+    await cancel(db, big, run_id)
     row = await wait_for_status(db, run_id, TERMINAL, timeout_s=20)
     assert row["status"] == "CANCELLED"
-    after = await db.fetchval(
-        "select count(*) from job_lines where allocation_run_id = $1", big.allocation_run_id)
+    after = await plan_size(db, big)
     assert after == before
 
 
@@ -204,7 +221,7 @@ async def test_sigterm_mid_solve_requeues_and_a_second_listener_completes(
     run_id = await start_run(db, big, {"time_limit_seconds": 60})
     row = await wait_for_status(db, run_id, {"GENERATING"}, 30)
     assert row["worker_id"] == "L1"
-    await asyncio.sleep(1.0)
+    await first.wait_solving()  # SIGTERM mid-solve, not while loading
     first.terminate()
     assert await first.wait(timeout_s=30) == 0, first.log()
     row = await run_row(db, run_id)
@@ -230,14 +247,20 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
     await db.execute("update allocation_planner_runs set max_attempts = $2 where id = $1",
                      run_id, max_attempts)
     await wait_for_status(db, run_id, {"GENERATING"}, 30)
-    await asyncio.sleep(1.0)
+    await first.wait_solving()  # the solver child (and the next spare) have been started
     solver_children = child_pids(first.proc.pid if first.proc else 0)
+    assert solver_children, "a solving listener has solver children"
     first.kill()
     await first.wait()
-    await asyncio.sleep(1.5)
-    for pid in solver_children:
-        assert not process_alive(pid), "the solver child outlived its killed listener"
+    # The children notice their parent's death (PR_SET_PDEATHSIG, a watchdog) and exit.
+    await until(lambda: not any(process_alive(p) for p in solver_children) or None, 15,
+                "the solver child outlived its killed listener")
     assert (await run_row(db, run_id))["status"] == "GENERATING"
+    # Nobody heartbeats the run any more: wait until its lease is older than the TTL below.
+    await until(lambda: db.fetchval(
+        "select nullif(heartbeat_at < now() - interval '1 second', false)"
+        " from allocation_planner_runs where id = $1", run_id), 15,
+        "the killed listener's run still has a fresh heartbeat")
     swept = await db.fetchval("select planner_engine.sweep_stale_runs('1 second')")
     assert swept >= 1
     row = await run_row(db, run_id)
@@ -341,15 +364,19 @@ async def test_lease_lost_mid_solve_writes_nothing_and_the_run_is_redone(
     big = orgs[-1]
     proc = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=4)
     await proc.wait_ready()
+    if await plan_size(db, big) == 0:
+        # A commit snapshots the plan it replaces: make sure there is one (run on its own,
+        # this test would otherwise find no snapshot at all).
+        first = await start_run(db, big, {"time_limit_seconds": 4})
+        assert (await wait_for_status(db, first, TERMINAL, 60))["status"] == "COMPLETED"
     run_id = await start_run(db, big, {"time_limit_seconds": 4})
     await wait_for_status(db, run_id, {"GENERATING"}, 30)
-    await asyncio.sleep(0.5)
+    await proc.wait_solving()  # the lease is lost mid-solve
     assert await db.fetchval("select planner_engine.sweep_stale_runs('0 seconds')") >= 1
     row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
     assert row["status"] == "COMPLETED" and row["attempts"] == 2, row
     snapshots = await db.fetchval(
         "select count(*) from job_lines_history where planner_run_id = $1", run_id)
-    assert snapshots <= 1, "one commit at most per run"
-    await asyncio.sleep(1)
-    assert any("lease lost" in r.get("message", "") for r in proc.records()), proc.log()
+    assert snapshots == 1, "exactly one commit for the run (the lost attempt wrote nothing)"
+    await proc.wait_record("lease lost")
     await assert_valid_plan(db, run_id)

@@ -18,7 +18,7 @@ from listener import metrics
 from listener.db import EngineDB
 from listener.logs import RunLogSink
 from tests.listener.conftest import ListenerFactory
-from tests.support.harness import TERMINAL, insert_run, run_row, wait_for_status
+from tests.support.harness import TERMINAL, insert_run, run_row, until, wait_for_status
 from tests.support.roles import acting_as
 
 
@@ -57,9 +57,18 @@ async def test_run_logs_survive_a_database_hiccup_and_drops_are_counted(
         await db.execute("grant execute on function planner_engine.write_logs(jsonb)"
                          " to planner_engine")
         # The pool's connections are also cut: the sink retries on fresh ones.
+        cut = await db.fetch("select pid from pg_stat_activity where usename = 'planner_engine'"
+                             " and datname = current_database()")
+        assert cut, "the engine's pool has connections to cut"
         await db.execute("select pg_terminate_backend(pid) from pg_stat_activity"
-                         " where usename = 'planner_engine' and datname = current_database()")
-        await asyncio.sleep(0.2)
+                         " where pid = any($1::int[])", [r["pid"] for r in cut])
+
+        async def cut_backends_gone() -> bool | None:  # terminate only signals them
+            left = await db.fetchval("select count(*) from pg_stat_activity"
+                                     " where pid = any($1::int[])", [r["pid"] for r in cut])
+            return True if left == 0 else None
+
+        await until(cut_backends_gone, 10, "terminated engine backends still running")
         ok = await sink.flush(engine)
         if not ok:  # the first call on a cut connection fails; the next one reconnects
             ok = await sink.flush(engine)

@@ -31,25 +31,56 @@ class Events:
         self.items.append(item)
         self._changed.set()
 
-    async def wait(self, pred: Pred, wait_s: float = 5.0) -> dict[str, Any]:
-        """The first (not yet consumed) event matching `pred`; it is consumed."""
+    async def _index_of(self, pred: Pred, wait_s: float, what: str) -> int:
+        """Index of the first (not yet consumed) event matching `pred`, waiting for it."""
         deadline = time.monotonic() + wait_s
         while True:
             for i, item in enumerate(self.items):
                 if pred(item):
-                    return self.items.pop(i)
+                    return i
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AssertionError(f"no matching event within {wait_s}s; saw {self.items}")
+                raise AssertionError(f"no {what} within {wait_s}s; saw {self.items}")
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
-    async def none(self, pred: Pred, within: float = 0.7) -> None:
-        """Assert that no matching event arrives within `within` seconds."""
-        await asyncio.sleep(within)
-        bad = [i for i in self.items if pred(i)]
-        assert not bad, f"unexpected events: {bad}"
+    async def wait(self, pred: Pred, wait_s: float = 5.0) -> dict[str, Any]:
+        """The first (not yet consumed) event matching `pred`; it is consumed."""
+        return self.items.pop(await self._index_of(pred, wait_s, "matching event"))
+
+    async def none_before(
+        self, forbidden: Pred, sentinel: Pred, wait_s: float = 10.0
+    ) -> dict[str, Any]:
+        """Assert that nothing `forbidden` arrived before the `sentinel` event; returns the
+        sentinel (consumed).
+
+        A negative check needs a witness, not a quiet time window: a window passes vacuously
+        whenever delivery is merely slow. So the caller first does what must NOT reach this
+        client, then causes an event that MUST reach it, on the same socket, after the server
+        has decided about the first; once the sentinel is here, anything forbidden would
+        already be here too. Earlier events that were not consumed count; the sentinel
+        itself may match `forbidden`.
+
+        That rests on the order in which devstack/realtime delivers, per socket:
+        - each connection has one outbound FIFO queue drained by one writer task
+          (socket.py, `Connection.out`/`writer`), and both clients (realtime-py, and
+          realtime-js through tests/js/rt_client.mjs) run callbacks in arrival order;
+        - postgres_changes are dispatched by one consumer strictly in commit order
+          (changes.py, `ChangeDispatcher.run`): a change committed later is queued after an
+          earlier one has been delivered or dropped (filter, RLS);
+        - a broadcast is queued to every receiver synchronously while the server handles it
+          (hub.py, `Hub.broadcast`): a REST broadcast before its 202 reply, a WebSocket one
+          when its frame is handled, and one connection's frames are handled one at a time,
+          in order (socket.py, `Connection.serve`).
+        Broadcasts and postgres_changes take different paths and are not ordered with each
+        other: use a sentinel of the same kind, or first witness that the server has handled
+        the forbidden event (e.g. its sender hears its own later broadcast).
+        """
+        i = await self._index_of(sentinel, wait_s, "sentinel event")
+        bad = [e for e in self.items[:i] if forbidden(e)]
+        assert not bad, f"unexpected events before the sentinel {self.items[i]}: {bad}"
+        return self.items.pop(i)
 
 
 def kind(k: str, **fields: Any) -> Pred:
@@ -179,4 +210,4 @@ def js_type(t: str, **fields: Any) -> Pred:
     return pred
 
 
-__all__ = ["JS_DIR", "Events", "JsClient", "Path", "PyClient", "js_type", "kind"]
+__all__ = ["JS_DIR", "Events", "JsClient", "Path", "Pred", "PyClient", "js_type", "kind"]

@@ -7,15 +7,25 @@ presence tests mix it with the Python client (vsn 1.0.0) on the same topic.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import asyncpg
 import pytest
 
 from tests.realtime.conftest import World
-from tests.realtime.helpers import JsClient, PyClient, js_type, kind
+from tests.realtime.helpers import JsClient, Pred, PyClient, js_type, kind
 from tests.support.realtime import RealtimeServer
 
 pytestmark = [pytest.mark.timeout(90)]
+
+
+def js_new(**fields: object) -> Pred:
+    """A postgres_changes event whose new record has these fields."""
+    def pred(e: dict[str, Any]) -> bool:
+        new = e["payload"].get("new") or {} if e.get("type") == "postgres_changes" else {}
+        return all(new.get(k) == v for k, v in fields.items())
+
+    return pred
 
 
 @pytest.mark.stack  # the npm packages come with `make test` (scripts/install-js.sh)
@@ -73,7 +83,10 @@ async def test_postgres_changes_with_and_without_filter(
     for _ in range(2):
         p = (await c.events.wait(js_type("postgres_changes")))["payload"]
         assert p["eventType"] == "DELETE" and p["new"] == {} and p["old"]["id"] in (100, 101)
-    await c.events.none(js_type("postgres_changes"), within=0.3)
+    # Sentinel: a row only the unfiltered binding matches; no extra event may come first.
+    await pg.execute("insert into rt_plain values (102, 'sentinel', 0)")
+    got = await c.events.none_before(js_type("postgres_changes"), sentinel=js_new(id=102))
+    assert got["payload"]["eventType"] == "INSERT"
 
 
 async def test_rls_filtering_for_js_users(
@@ -87,9 +100,10 @@ async def test_rls_filtering_for_js_users(
     await alice.events.wait(js_type("system"))
     await pg.execute("insert into rt_items (organization_id, name) values ($1, 'B'), ($2, 'A')",
                      world.org_b, world.org_a)
-    p = (await alice.events.wait(js_type("postgres_changes")))["payload"]
+    # B's row is dispatched before A's (same transaction, in order): A is the sentinel.
+    p = (await alice.events.none_before(js_type("postgres_changes"),
+                                        sentinel=js_new(name="A")))["payload"]
     assert p["new"]["name"] == "A"
-    await alice.events.none(js_type("postgres_changes"), within=0.3)
 
 
 async def test_broadcast_between_python_and_js(
@@ -142,12 +156,19 @@ async def test_heartbeats_token_refresh_and_refusals(
     rt_server: RealtimeServer, world: World, js: list[JsClient]
 ) -> None:
     j = await start_js(js, rt_server, world.token(world.alice), heartbeat_ms=400)
-    assert await j.channel("hb", watchHeartbeat=True) == "SUBSCRIBED"
+    assert await j.channel("hb", watchHeartbeat=True, config={"broadcast": {"self": True}},
+                           broadcast=["sentinel"]) == "SUBSCRIBED"
     for _ in range(2):
         await j.events.wait(js_type("heartbeat", status="ok"), wait_s=3)
     await j.cmd(cmd="setAuth", token=world.token(world.bob))
     await j.events.wait(js_type("auth_set"))
-    await j.events.none(js_type("status"), within=0.5)  # no error, no close
+    # No error, no close: the server handles the socket's frames in order, so hearing our
+    # own broadcast sent after the access_token push means the refresh was accepted.
+    await j.cmd(cmd="send", name="hb", event="sentinel", payload={"after": "setAuth"})
+    await j.events.none_before(
+        js_type("status"),
+        sentinel=lambda e: e.get("type") == "broadcast"
+        and e["payload"].get("payload") == {"after": "setAuth"})
     # A private channel: refused to a non-member (bob), accepted for a member.
     topic = f"rt-org:{world.org_a}"
     status = await j.channel(topic, config={"private": True})

@@ -6,13 +6,14 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
 
 from tests.realtime.conftest import World
-from tests.realtime.helpers import PyClient, kind
+from tests.realtime.helpers import Pred, PyClient, kind
 from tests.support.realtime import RealtimeServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -25,6 +26,27 @@ async def clients(rt_server: RealtimeServer) -> AsyncIterator[list[PyClient]]:
     yield made
     for c in made:
         await c.close()
+
+
+def pg_record(**fields: object) -> Pred:
+    """A postgres_changes event whose new record has these fields."""
+    def pred(e: dict[str, Any]) -> bool:
+        if e.get("kind") != "pg":
+            return False
+        record = e["payload"]["data"].get("record") or {}
+        return all(record.get(k) == v for k, v in fields.items())
+
+    return pred
+
+
+def pg_type(change: str) -> Pred:
+    """A postgres_changes event of this type (INSERT, UPDATE, DELETE)."""
+    return lambda e: e.get("kind") == "pg" and e["payload"]["data"]["type"].value == change
+
+
+def bc_payload(payload: dict[str, Any]) -> Pred:
+    """A broadcast carrying exactly this payload."""
+    return lambda e: e.get("kind") == "bc" and e["payload"].get("payload") == payload
 
 
 def new(clients: list[PyClient], server: RealtimeServer, token: str) -> PyClient:
@@ -99,18 +121,21 @@ async def test_event_bindings_and_typed_filters(
         assert rec["price"] == 2.5 and rec["due"] == "2030-06-01T00:00:00+00:00"
         assert len(ev["payload"]["ids"]) == len(expected)
     assert got == expected
-    await c.events.none(kind("pg"), within=0.3)
-    c.events.items.clear()
-    # NULL fails every operator, including neq; UPDATE bindings do not see INSERTs.
+    # NULL fails every operator, including neq; UPDATE bindings do not see INSERTs. The
+    # UPDATE after them is the sentinel: nothing else (neither from the first INSERT nor
+    # from this one) may arrive before it.
     await pg.execute("insert into rt_items (organization_id, name) values ($1, 'zzz')", world.org_a)
-    await c.events.none(kind("pg"))
     await pg.execute("update rt_items set qty = 3 where name = 'zzz'")
-    ev = await c.events.wait(kind("pg"))
+    ev = await c.events.none_before(kind("pg"), sentinel=pg_record(name="zzz", qty=3))
     assert ev["label"] == "updates" and ev["payload"]["data"]["old_record"].keys() == {"id"}
     await pg.execute("update rt_items set qty = 4 where name = 'zzz'")
     ev = await c.events.wait(kind("pg"))
     assert ev["label"] == "updates"
-    await c.events.none(kind("pg"), within=0.3)
+    # Sentinel: an INSERT only the name_in binding matches; no second copy of the UPDATE.
+    await pg.execute("insert into rt_items (organization_id, name) values ($1, 'alpha')",
+                     world.org_a)
+    ev = await c.events.none_before(kind("pg"), sentinel=pg_record(name="alpha"))
+    assert ev["label"] == "name_in"
 
 
 async def test_update_and_delete_filters_follow_new_row_and_identity(
@@ -125,13 +150,14 @@ async def test_update_and_delete_filters_follow_new_row_and_identity(
     data = (await c.events.wait(kind("pg")))["payload"]["data"]
     assert data["record"]["id"] == 10
     await pg.execute("update rt_plain set n = 2 where id = 10")  # moves out: not delivered
-    await c.events.none(kind("pg"), within=0.4)
-    await pg.execute("update rt_plain set n = 1 where id = 11")
-    await c.events.wait(kind("pg"))
+    await pg.execute("update rt_plain set n = 1 where id = 11")  # ...before this one
+    await c.events.none_before(kind("pg"), sentinel=pg_record(id=11))
     await pg.execute("delete from rt_plain where id in (10, 11)")  # FULL identity: filterable
     data = (await c.events.wait(kind("pg")))["payload"]["data"]
     assert data["type"].value == "DELETE" and data["old_record"]["id"] == 11
-    await c.events.none(kind("pg"), within=0.3)
+    # Sentinel: a row inside the filter; the DELETE of row 10 (n = 2) must not come first.
+    await pg.execute("insert into rt_plain values (12, 'c', 1)")
+    await c.events.none_before(kind("pg"), sentinel=pg_record(id=12))
 
 
 async def test_rls_across_two_organisations(
@@ -156,12 +182,15 @@ async def test_rls_across_two_organisations(
     await pg.execute("update rt_items set qty = 1 where id = $1", row_a)
     assert (await alice.events.wait(kind("pg")))["payload"]["data"]["type"].value == "UPDATE"
     await admin.events.wait(kind("pg"))
-    await bob.events.none(kind("pg"), within=0.3)
-    # DELETE: sent without an RLS check, old_record cut to the primary key (RLS table).
+    # DELETE: sent without an RLS check, old_record cut to the primary key (RLS table). For
+    # bob it is also the sentinel: A's UPDATE must not have reached him before it.
     await pg.execute("delete from rt_items where id = $1", row_a)
-    for c in (alice, bob, admin):
+    deleted = await bob.events.none_before(kind("pg"), sentinel=pg_type("DELETE"))
+    for c in (alice, admin):
         data = (await c.events.wait(kind("pg")))["payload"]["data"]
         assert data["type"].value == "DELETE" and data["old_record"] == {"id": row_a}
+    data = deleted["payload"]["data"]
+    assert data["type"].value == "DELETE" and data["old_record"] == {"id": row_a}
 
 
 async def test_token_refresh_switches_identity(
@@ -175,9 +204,10 @@ async def test_token_refresh_switches_identity(
     await c.events.wait(kind("system"))  # re-subscribed with the new claims
     await pg.execute("insert into rt_items (organization_id, name) values ($1, 'A'), ($2, 'B')",
                      world.org_a, world.org_b)
-    data = (await c.events.wait(kind("pg")))["payload"]["data"]
+    # Row A is dispatched before row B (same transaction, in order): B is the sentinel.
+    data = (await c.events.none_before(kind("pg"), sentinel=pg_record(name="B")))[
+        "payload"]["data"]
     assert data["record"]["name"] == "B"
-    await c.events.none(kind("pg"), within=0.3)
 
 
 async def test_unpublished_table_gets_system_error(
@@ -208,9 +238,10 @@ async def test_broadcast_self_ack_and_rest(
     assert (await b.events.wait(kind("bc")))["payload"]["payload"] == {"n": 1}
     await ch_b.send_broadcast("hello", {"n": 2})  # self: false -> b does not hear itself
     assert (await a.events.wait(kind("bc")))["payload"]["payload"] == {"n": 2}
-    await b.events.none(kind("bc"), within=0.3)
+    # a heard n=2, so the server has fanned it out; n=3 is queued to b after it would be.
     await ch_a.http_send("hello", {"n": 3})  # REST single-message endpoint
-    assert (await b.events.wait(kind("bc")))["payload"]["payload"] == {"n": 3}
+    got = await b.events.none_before(kind("bc"), sentinel=bc_payload({"n": 3}))
+    assert got["payload"]["payload"] == {"n": 3}
     async with aiohttp.ClientSession() as s, s.post(
         f"{rt_server.url}/realtime/v1/api/broadcast",
         json={"messages": [{"topic": "room", "event": "hello", "payload": {"n": 4}}]},
@@ -270,12 +301,14 @@ async def test_private_channels(
     # The anon key cannot read it either; a public channel of the same name is a different
     # topic and hears nothing of the private one.
     anon = new(clients, rt_server, world.anon_key)
-    pub = anon.channel(topic)
+    pub = anon.channel(topic, {"broadcast": {"self": True, "ack": False}})
     anon.on_broadcast(pub)
     assert await anon.subscribe(pub) == "SUBSCRIBED"
     await ch_a.send_broadcast("secret", {"x": 2})
     assert (await alice2.events.wait(kind("bc")))["payload"]["payload"] == {"x": 2}
-    await anon.events.none(kind("bc"), within=0.3)
+    # alice2 heard x=2, so it has been fanned out; anon's own later broadcast is the sentinel.
+    await pub.send_broadcast("sentinel", {"from": "anon"})
+    await anon.events.none_before(kind("bc"), sentinel=bc_payload({"from": "anon"}))
 
 
 async def test_supabase_client_from_url_and_key(

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from devstack.realtime.changes import Binding, ChangeDispatcher
-from devstack.realtime.database import Database
+from devstack.realtime.database import IN_PROGRESS_SQL, Database
 
 
 class FakeChannel:
@@ -32,6 +32,38 @@ class FakeChannel:
 
     def fanout(self, event: str, payload: dict[str, Any]) -> None:
         self.pushed.append(payload)
+
+
+class VisibilityProbe:
+    """The server's pool, counting its "is this transaction still running?" queries: the
+    event that shows the dispatcher is waiting for visibility (no time window needed)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.checks = 0
+        self._changed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    async def fetchval(self, sql: str, *args: Any, **kwargs: Any) -> Any:
+        if sql == IN_PROGRESS_SQL:
+            self.checks += 1
+            self._changed.set()
+        return await self._pool.fetchval(sql, *args, **kwargs)
+
+    async def asked(self, times: int, wait_s: float = 10.0) -> None:
+        async def reached() -> None:
+            while self.checks < times:
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(reached(), wait_s)
+        except TimeoutError:
+            raise AssertionError(
+                f"the dispatcher checked visibility {self.checks} time(s) in {wait_s}s,"
+                f" expected {times}") from None
 
 
 @pytest.fixture
@@ -59,8 +91,10 @@ async def database(db_url: str) -> AsyncIterator[Database]:
 
 
 async def test_change_waits_until_its_transaction_is_visible(
-    database: Database, db_url: str
+    database: Database, db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    probe = VisibilityProbe(database.pool)
+    monkeypatch.setattr(database, "_pool", probe)
     dispatcher = ChangeDispatcher(database)
     ch = FakeChannel()
     dispatcher.by_table[("public", "rt_visibility")].append(
@@ -81,10 +115,12 @@ async def test_change_waits_until_its_transaction_is_visible(
             "pk": [{"name": "id", "type": "integer"}],
         }
         task = asyncio.create_task(dispatcher.dispatch(change))
-        await asyncio.sleep(0.3)
+        # The dispatcher asked twice, so it was told "still in progress" and kept waiting.
+        await probe.asked(times=2)
         # Still in progress for every other session: nothing may be pushed yet.
         assert await reader.fetchval("select count(*) from public.rt_visibility") == 0
         assert ch.pushed == [], "pushed a change its subscribers cannot read yet"
+        assert not task.done()
         await tr.commit()
         await asyncio.wait_for(task, 3)
         assert [p["data"]["record"] for p in ch.pushed] == [{"id": 7, "label": "x"}]

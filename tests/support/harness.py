@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import signal
@@ -17,9 +18,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncpg
 
@@ -29,6 +31,7 @@ from tests.support.realtime import free_port
 from tests.support.roles import acting_as
 
 PLANNER = str(Path(sys.executable).with_name("planner"))
+T = TypeVar("T")
 TERMINAL = frozenset({"COMPLETED", "INFEASIBLE", "FAILED", "CANCELLED"})
 
 
@@ -119,14 +122,7 @@ class ListenerProcess:
 
     def stop_now(self) -> None:
         """Test teardown: SIGTERM, then SIGKILL if it lingers."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            self.proc.wait(timeout=5)
+        stop_all([self])
 
     def log(self, chars: int = 6000) -> str:
         try:
@@ -140,6 +136,62 @@ class ListenerProcess:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
+
+    async def wait_record(
+        self, containing: str, timeout_s: float = 15.0
+    ) -> dict[str, Any]:
+        """The first JSON log record whose message contains `containing`, once it is written."""
+        def found() -> dict[str, Any] | None:
+            return next((r for r in self.records() if containing in r.get("message", "")), None)
+
+        return await until(found, timeout_s,
+                           lambda: f"no log record {containing!r}:\n{self.log()}")
+
+    def metrics(self) -> dict[str, float]:
+        """The listener's /metrics as {sample name with labels: value} ({} if unreachable)."""
+        url = f"http://127.0.0.1:{self.health_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    async def wait_metric(
+        self, sample: str, accept: Callable[[float], bool], timeout_s: float = 30.0
+    ) -> float:
+        """Poll /metrics until `sample` (e.g. `planner_solving`) has an accepted value."""
+        def check() -> float | None:
+            value = self.metrics().get(sample)
+            return value if value is not None and accept(value) else None
+
+        return await until(
+            lambda: asyncio.to_thread(check), timeout_s,
+            lambda: f"metric {sample} = {self.metrics().get(sample)}:\n{self.log()}")
+
+    async def wait_solving(self, timeout_s: float = 30.0) -> None:
+        """Until this listener's solver child has started on a run (`planner_solving` 1)."""
+        await self.wait_metric("planner_solving", lambda v: v == 1, timeout_s)
+
+
+def stop_all(procs: list[ListenerProcess]) -> None:
+    """Test teardown of several listeners: SIGTERM to every one first, then wait for each
+    (SIGKILL if it lingers past 15 s), so they shut down side by side, not one by one."""
+    live = [p for p in procs if p.proc is not None and p.proc.poll() is None]
+    for p in live:
+        p.terminate()
+    for p in live:
+        assert p.proc is not None
+        try:
+            p.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.proc.wait(timeout=5)
 
 
 async def insert_run(
@@ -239,6 +291,27 @@ async def stored_problem_and_plan(conn: asyncpg.Connection, run_id: str) -> tupl
                 lines=[{"line": n, "rotations": r} for n, r in sorted(rotations.items())],
                 unfilled=meta.get("unfilled") or [])
     return problem, plan
+
+
+async def until(
+    probe: Callable[[], T | Awaitable[T | None] | None],
+    timeout_s: float,
+    explain: Callable[[], str] | str,
+    interval_s: float = 0.05,
+) -> T:
+    """The first non-None result of `probe` (sync or async), polled until `timeout_s`; then
+    an AssertionError saying what was awaited (`explain`, evaluated only on failure)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = probe()
+        if inspect.isawaitable(got):
+            got = await got
+        if got is not None:
+            return cast(T, got)
+        if time.monotonic() > deadline:
+            why = explain() if callable(explain) else explain
+            raise AssertionError(f"still waiting after {timeout_s}s: {why}")
+        await asyncio.sleep(interval_s)
 
 
 def child_pids(pid: int) -> list[int]:
