@@ -11,6 +11,7 @@ import itertools
 import json
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -118,15 +119,24 @@ async def test_insert_to_valid_plan_with_progress_for_members_only(
         assert row["status"] == "COMPLETED", row
         # Logged after the run's last broadcast returned (REST: fanned out before the reply).
         await listener.wait_record("run finished")
+
         await assert_valid_plan(db, run_id)
-        done = await member.events.wait(
-            lambda e: e.get("type") == "broadcast" and e["payload"]["event"] == "done", wait_s=10)
+        def is_done(e: dict[str, Any]) -> bool:
+            return e.get("type") == "broadcast" and e["payload"]["event"] == "done"
+
+        # One terminal event, the last broadcast ("run finished" is logged after it was sent).
+        later = await member.events.after(is_done, wait_s=10)
+        assert [e for e in later if e.get("type") == "broadcast"] == [], later
+        done = await member.events.wait(is_done)
+        assert not [e for e in member.events.items if is_done(e)], "done is sent once"
         assert done["payload"]["payload"]["status"] == "COMPLETED"
         kinds = [e["payload"]["event"] for e in member.events.items if e.get("type") == "broadcast"]
         assert "progress" in kinds and "status" in kinds
         phases = [e["payload"]["payload"]["phase"] for e in member.events.items
                   if e.get("type") == "broadcast" and e["payload"]["event"] == "status"]
-        assert phases[-1] == "done" and "solving" in phases
+        assert phases == ["loading", "solving", "writing"], phases
+        assert done["payload"]["payload"]["version"] == 1
+        assert done["payload"]["payload"]["result"]["solver_status"] in ("OPTIMAL", "FEASIBLE")
         progress = [e["payload"]["payload"] for e in member.events.items
                     if e.get("type") == "broadcast" and e["payload"]["event"] == "progress"]
         assert set(progress[-1]) >= {"run_id", "solutions", "objective", "best_bound", "gap",

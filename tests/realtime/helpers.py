@@ -45,6 +45,11 @@ class Events:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
 
+    async def after(self, pred: Pred, wait_s: float = 5.0) -> list[dict[str, Any]]:
+        """The events that arrived after the first one matching `pred` (waited for); nothing
+        is consumed."""
+        return self.items[await self._index_of(pred, wait_s, "matching event") + 1:]
+
     async def wait(self, pred: Pred, wait_s: float = 5.0) -> dict[str, Any]:
         """The first (not yet consumed) event matching `pred`; it is consumed."""
         return self.items.pop(await self._index_of(pred, wait_s, "matching event"))
