@@ -119,8 +119,8 @@ async def test_insert_to_valid_plan_with_progress_for_members_only(
         assert row["status"] == "COMPLETED", row
         # Logged after the run's last broadcast returned (REST: fanned out before the reply).
         await listener.wait_record("run finished")
-
         await assert_valid_plan(db, run_id)
+
         def is_done(e: dict[str, Any]) -> bool:
             return e.get("type") == "broadcast" and e["payload"]["event"] == "done"
 
