@@ -155,7 +155,9 @@ class Listener:
         db_ok = await self.db.ping() if self.db is not None else False
         return {
             "database": db_ok,
-            "realtime": bool(self.link and self.link.subscribed),
+            # Ready once an insert is certain to wake us: subscribed AND the server said
+            # "Subscribed to PostgreSQL" (before that, inserts produce no event at all).
+            "realtime": bool(self.link and self.link.subscribed and self.link.changes_flowing),
             "realtime_state": self.link.state if self.link else "starting",
             "queue_depth": len(self.queue),
             "current_run": str(self.current_run) if self.current_run else None,

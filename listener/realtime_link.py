@@ -54,6 +54,9 @@ class RealtimeLink:
         self._on_subscribed = on_subscribed
         self._stale_after_s = stale_after_s
         self.subscribed = False
+        #: the server confirmed that changes flow ("Subscribed to PostgreSQL"): only then is
+        #: an insert certain to produce an event, so only then is the listener ready.
+        self.changes_flowing = False
         self.state = "starting"
         self._client: AsyncClient | None = None
 
@@ -73,6 +76,8 @@ class RealtimeLink:
         self.state = str(status.value if hasattr(status, "value") else status)
         was = self.subscribed
         self.subscribed = status == RealtimeSubscribeStates.SUBSCRIBED
+        if not self.subscribed:
+            self.changes_flowing = False
         metrics.REALTIME_CONNECTED.set(1 if self.subscribed else 0)
         if self.subscribed:
             logger.info("Realtime: subscribed to {} changes", TABLE)
@@ -83,8 +88,13 @@ class RealtimeLink:
     def _on_system(self, payload: Any) -> None:
         # "Subscribed to PostgreSQL" marks the moment changes really flow: scan again, so
         # nothing inserted between the join reply and this message is missed.
-        message = payload.get("message", "") if isinstance(payload, dict) else ""
+        # realtime-py hands a pydantic SuccessSystemPayload (a dict in older releases).
+        message = payload.get("message", "") if isinstance(payload, dict) \
+            else getattr(payload, "message", "")
         if "Subscribed to PostgreSQL" in str(message):
+            if not self.changes_flowing:
+                logger.info("Realtime: changes of {} are flowing", TABLE)
+            self.changes_flowing = self.subscribed
             self._on_subscribed()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -104,6 +114,7 @@ class RealtimeLink:
     async def _close(self) -> None:
         client, self._client = self._client, None
         self.subscribed = False
+        self.changes_flowing = False
         metrics.REALTIME_CONNECTED.set(0)
         if client is not None:
             with contextlib.suppress(Exception):

@@ -104,3 +104,24 @@ def test_validation_summary_escapes_line_breaks_in_junk_keys():
         Problem.model_validate(bad)
     line = summarise_validation(info.value)
     assert "\n" not in line and "'\\n'" in line
+
+
+def test_readiness_waits_for_changes_to_flow():
+    """Found by the oldest-first end-to-end test: "subscribed" came before the server's
+    "Subscribed to PostgreSQL", and realtime-py hands that message as a pydantic model (the
+    link only read dicts, so its resync on it never fired)."""
+    from realtime.message import SuccessSystemPayload
+    from realtime.types import RealtimeSubscribeStates
+
+    from listener.realtime_link import RealtimeLink
+
+    resyncs: list[int] = []
+    link = RealtimeLink("http://127.0.0.1:1", "k", on_run=lambda *_: None,
+                        on_subscribed=lambda: resyncs.append(1))
+    link._on_state(RealtimeSubscribeStates.SUBSCRIBED, None)
+    assert link.subscribed and not link.changes_flowing
+    link._on_system(SuccessSystemPayload(channel="c", extension="postgres_changes",
+                                         message="Subscribed to PostgreSQL", status="ok"))
+    assert link.changes_flowing and len(resyncs) == 2, "scanned again once changes flow"
+    link._on_state(RealtimeSubscribeStates.CHANNEL_ERROR, None)
+    assert not link.subscribed and not link.changes_flowing
