@@ -516,7 +516,10 @@ create trigger allocation_planner_runs_before_update
   before update on public.allocation_planner_runs
   for each row execute function planner_private.allocation_planner_runs_before_update();
 
--- Rotations carry the time of the last manual edit.
+-- Rotations carry the time of the last edit. The WHEN clause keeps the plpgsql call off the
+-- rows whose writer already moved updated_at (replace_plan sets it in its UPDATE; calling a
+-- plpgsql function per row was ~2 ms of a 250-line commit). Users cannot set it themselves:
+-- their UPDATE grant on rotations covers team_id and pinned only (40_access.sql).
 create function planner_private.touch_updated_at()
 returns trigger
 language plpgsql set search_path = ''
@@ -529,7 +532,8 @@ $$;
 
 create trigger rotations_touch_updated_at
   before update on public.rotations
-  for each row execute function planner_private.touch_updated_at();
+  for each row when (new.updated_at is not distinct from old.updated_at)
+  execute function planner_private.touch_updated_at();
 
 
 -- -- plans as JSON ---------------------------------------------------------------------------
@@ -804,23 +808,35 @@ begin
       from added a
       join new_lines nl on nl.n = a.line_number
       cross join lateral jsonb_each_text(nl.rot) r
+  ), changed as materialized (
+    -- the cells of the kept lines that differ from the snapshot
+    select u.id as job_line_id, r.key::uuid as term_id, r.value::uuid as team_id,
+           nl.pins ? r.key as pinned
+      from updated u
+      join new_lines nl on nl.n = u.line_number
+      join old_lines ol on ol.n = nl.n
+      cross join lateral jsonb_each_text(nl.rot) r
+     where (ol.rot <> nl.rot or ol.pins <> nl.pins)                  -- the line changed
+       and (ol.rot ->> r.key is distinct from r.value                 -- and so did this cell
+            or (ol.pins ? r.key) <> (nl.pins ? r.key))
+  ), changed_rotations as (
+    -- An UPDATE joined to them (one hash join), not INSERT ... ON CONFLICT, which probes the
+    -- unique index and locks each conflicting row one by one. The job_line and term keys of
+    -- an updated row do not change, so PostgreSQL skips their foreign-key checks; only the
+    -- team key is checked, on the rows whose team moved.
+    update public.rotations ro
+       set team_id = c.team_id, pinned = c.pinned, updated_at = now()
+      from changed c
+     where ro.job_line_id = c.job_line_id and ro.term_id = c.term_id
+       and (ro.team_id, ro.pinned) is distinct from (c.team_id, c.pinned)
   )
-  -- the rotations of the kept lines that differ from the snapshot (a term added since the
-  -- last commit has no row yet: inserted)
-  insert into public.rotations as ro
+  -- a term added since the last commit has no row yet in the kept lines: inserted
+  insert into public.rotations
     (organization_id, allocation_run_id, job_line_id, term_id, team_id, pinned)
-  select p_organization_id, p_allocation_run_id, u.id, r.key::uuid, r.value::uuid,
-         nl.pins ? r.key
-    from updated u
-    join new_lines nl on nl.n = u.line_number
-    join old_lines ol on ol.n = nl.n
-    cross join lateral jsonb_each_text(nl.rot) r
-   where (ol.rot <> nl.rot or ol.pins <> nl.pins)                  -- the line changed
-     and (ol.rot ->> r.key is distinct from r.value                 -- and so did this cell
-          or (ol.pins ? r.key) <> (nl.pins ? r.key))
-  on conflict (job_line_id, term_id) do update
-     set team_id = excluded.team_id, pinned = excluded.pinned
-   where (ro.team_id, ro.pinned) is distinct from (excluded.team_id, excluded.pinned);
+  select p_organization_id, p_allocation_run_id, c.job_line_id, c.term_id, c.team_id, c.pinned
+    from changed c
+   where not exists (select 1 from public.rotations ro
+                      where ro.job_line_id = c.job_line_id and ro.term_id = c.term_id);
 
   return v_snapshot;
 end
