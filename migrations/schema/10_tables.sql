@@ -222,10 +222,15 @@ create table public.rotations (
     references public.terms (id, allocation_run_id, organization_id) on delete cascade,
   foreign key (team_id, organization_id)
     references public.teams (id, organization_id)
-);
+) with (fillfactor = 50);
 create index rotations_org_idx on public.rotations (organization_id);
 create index rotations_term_idx on public.rotations (term_id);
-create index rotations_team_idx on public.rotations (team_id);
+-- No index on team_id, on purpose: a commit moves cells from team to team, and with team_id
+-- in no index (and half of each page free) that UPDATE is a HOT update, which writes no index
+-- entries; with one, each moved cell wrote a new entry in all five indexes (a 250-line commit
+-- in which every cell moves: 35 against 22 ms of server CPU). Costs of the trade: deleting a
+-- team checks the rotations of its organisation (rotations_org_idx) rather than its own, and
+-- "which teams does this plan use" goes through the allocation run's job_lines (load_problem).
 
 -- One snapshot per overwrite of an allocation run's plan (commit_plan or restore_job_lines).
 -- `plan` holds the complete previous plan in the same shape commit_plan accepts, plus each

@@ -141,9 +141,11 @@ begin
        where tm.organization_id = r.organization_id
          and (exists (select 1 from public.team_demand d
                        where d.allocation_run_id = r.allocation_run_id and d.team_id = tm.id)
-              or exists (select 1 from public.rotations ro
-                          where ro.allocation_run_id = r.allocation_run_id
-                            and ro.team_id = tm.id))),
+              -- through the lines: rotations has no index on team_id (10_tables.sql)
+              or tm.id in (select ro.team_id
+                             from public.job_lines l
+                             join public.rotations ro on ro.job_line_id = l.id
+                            where l.allocation_run_id = r.allocation_run_id))),
     'demand', (
       select coalesce(jsonb_agg(jsonb_build_object(
                'team', d.team_id::text, 'term', d.term_id::text,
