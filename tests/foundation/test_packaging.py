@@ -27,6 +27,9 @@ import typer
 
 import listener.cli as cli
 
+# Builds wheels and virtualenvs with uv (real components, ~30 s): part of `make test` only.
+pytestmark = pytest.mark.stack
+
 REPO = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = str(Path(sys.executable).with_name("lint-imports"))
 DEV_ONLY = {"planner-devstack", "psycopg2-binary", "psycopg2", "pyjwt"}
