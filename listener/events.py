@@ -81,7 +81,12 @@ class StatusEvent(_Event):
 
 
 class ProgressEvent(_Event):
-    """The solver's latest figures, at most one per `PLANNER_PROGRESS_INTERVAL_S`."""
+    """The solver's latest figures, at most one per `PLANNER_PROGRESS_INTERVAL_S`.
+
+    The fields repeat `solver.Progress` on purpose: this is the UI's contract, so a change to
+    the solver's internal message must not change what UIs receive without a change here
+    (`of` fails loudly when the two drift apart).
+    """
 
     event: ClassVar[str] = "progress"
 
