@@ -70,9 +70,8 @@ class Broadcaster:
 class ProgressThrottle:
     """Keeps the newest progress figures and sends them at most once per interval."""
 
-    def __init__(self, sink: EventSink, run_id: uuid.UUID, interval: float) -> None:
+    def __init__(self, sink: EventSink, interval: float) -> None:
         self._sink = sink
-        self._run_id = run_id
         self._interval = interval
         self._latest: ProgressEvent | None = None
         self._last_sent = 0.0

@@ -311,7 +311,7 @@ class RunExecutor:
 
         Raises LeaseLost when the lease is gone.
         """
-        throttle = ProgressThrottle(self.events, run.id, self.s.progress_interval_s)
+        throttle = ProgressThrottle(self.events, self.s.progress_interval_s)
         shutdown_killed = False
 
         async def pump_progress() -> None:
