@@ -44,7 +44,7 @@ typecheck: bootstrap
 	$(VENV)/bin/mypy
 
 pytest: up js
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n 2 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
