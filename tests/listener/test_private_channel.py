@@ -125,12 +125,15 @@ async def test_the_listener_joins_privately_and_still_wakes(
         await db.close()
 
 
+@pytest.mark.parametrize("who", ["anon", "member"])
 async def test_a_role_no_policy_admits_is_refused(
-    rt_server: RealtimeServer, dev_settings: DevSettings,
+    rt_server: RealtimeServer, dev_settings: DevSettings, org: SeededOrganization, who: str,
 ):
-    """A public channel admits any valid key; the listener's channel refuses the anon key."""
-    anon = keys.api_key("anon", dev_settings.jwt_secret)
-    async with running(rt_server, anon) as r:
+    """A public channel admits any valid key; the listener's channel refuses the anon key and
+    a signed-in user (who therefore cannot inject wake-ups on it either)."""
+    key = (keys.api_key("anon", dev_settings.jwt_secret) if who == "anon"
+           else org.planner.access_token)
+    async with running(rt_server, key) as r:
         await r.state("CHANNEL_ERROR")
         assert not r.link.subscribed and r.subscriptions == 0
 
