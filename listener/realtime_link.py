@@ -4,6 +4,11 @@ Events are hints only. Realtime is at-most-once (changes during a disconnect are
 replayed), so every (re)subscription triggers a catch-up scan, and the official Python client
 gives up after `max_retries` failed reconnects, so this supervisor recreates it, with jittered
 back-off (`listener.backoff`), for as long as the listener runs.
+
+The channel is private: a hosted project with public channels disabled refuses a public join
+("PrivateOnly: This project only allows private channels"), and Realtime would then never wake
+the listener. A private join is authorised by RLS on `realtime.messages` for the token's role
+(policy `planner_engine_runs_listener_read`, docs/database.md).
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ from typing import Any
 
 from loguru import logger
 from realtime import AsyncRealtimeChannel, RealtimeSubscribeStates
-from realtime.types import PostgresChangesPayload, RealtimePostgresChangesListenEvent
+from realtime.types import (
+    PostgresChangesPayload,
+    RealtimeChannelOptions,
+    RealtimePostgresChangesListenEvent,
+)
 from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from listener import metrics
@@ -27,6 +36,17 @@ from listener.backoff import Backoff
 RunHint = Callable[[uuid.UUID, datetime], None]
 
 TABLE = "allocation_planner_runs"
+#: The listener's wake-up channel (a topic of its own; the migrations' policy names it).
+CHANNEL = "planner-engine-runs"
+#: realtime-py sends `config` as the join payload's config as given, so every section is spelt
+#: out (its defaults apply only when no options are passed at all).
+CHANNEL_OPTIONS: RealtimeChannelOptions = {
+    "config": {
+        "broadcast": {"ack": False, "self": False},
+        "presence": {"key": "", "enabled": False},
+        "private": True,
+    }
+}
 
 
 def _parse_ts(value: Any) -> datetime:
@@ -103,7 +123,7 @@ class RealtimeLink:
             self._url, self._key,
             options=AsyncClientOptions(realtime={"max_retries": 5, "initial_backoff": 0.5}),
         )
-        channel: AsyncRealtimeChannel = client.channel("planner-engine-runs")
+        channel: AsyncRealtimeChannel = client.channel(CHANNEL, CHANNEL_OPTIONS)
         for event in (RealtimePostgresChangesListenEvent.Insert,
                       RealtimePostgresChangesListenEvent.Update):
             channel.on_postgres_changes(event, self._on_change, table=TABLE, schema="public")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The pinned npm packages of the conformance tests (tests/js), for `make test` only: the demo
+# The pinned npm packages of the tests (tests/js: realtime-js for the Realtime conformance tests,
+# supabase-js for the UI snippet of docs/listener.md), for `make test` only: the demo
 # and the product need no Node.js. Installs Debian's nodejs and npm first when root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,6 @@ if ! command -v npm >/dev/null 2>&1; then
   fi
 fi
 if [ ! -d tests/js/node_modules ] || [ tests/js/package-lock.json -nt tests/js/node_modules ]; then
-  echo "install-js: installing the pinned Realtime clients (npm ci in tests/js)" >&2
+  echo "install-js: installing the pinned Supabase clients (npm ci in tests/js)" >&2
   (cd tests/js && npm ci --silent --no-audit --no-fund)
 fi

@@ -176,6 +176,20 @@ create policy planner_run_members_read on realtime.messages
   using (extension in ('broadcast', 'presence')
          and planner_private.can_read_run_topic((select realtime.topic())));
 
+-- Private channel `planner-engine-runs`: the listener's wake-ups (postgres_changes on
+-- allocation_planner_runs). It joins privately because a project with public channels
+-- disabled refuses public joins ("PrivateOnly"). A private join is authorised like every
+-- private channel: Realtime inserts probe rows into realtime.messages and SELECTs them as the
+-- token's role. The listener's token is the service-role key, and service_role bypasses RLS,
+-- so this policy grants it nothing new: it states who the channel is for, and it is what
+-- admits the listener if its key ever carries a role without BYPASSRLS. Nobody else may join
+-- (no policy for anon or authenticated), which costs nothing: the channel carries no
+-- broadcasts, and postgres_changes are filtered per subscriber by the table's RLS anyway.
+drop policy if exists planner_engine_runs_listener_read on realtime.messages;
+create policy planner_engine_runs_listener_read on realtime.messages
+  for select to service_role
+  using (extension = 'broadcast' and (select realtime.topic()) = 'planner-engine-runs');
+
 -- postgres_changes for the UI's run status. FULL: UPDATE events carry the old row too, so the
 -- UI sees which status a run came from and Realtime can apply RLS to every column it sends.
 alter table public.allocation_planner_runs replica identity full;

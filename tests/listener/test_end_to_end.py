@@ -338,17 +338,22 @@ async def test_docs_realtime_js_snippet_follows_a_run(
     db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
     rt_server: RealtimeServer, dev_settings: DevSettings,
 ):
-    """The snippet UI authors copy from docs/listener.md works as written."""
+    """The snippet UI authors copy from docs/listener.md works as written: with the pinned
+    current supabase-js and a signed-in session (tests/listener/test_ui_snippet.py runs it
+    with every pinned install, both token paths and a Realtime restart)."""
     org = orgs[2]
     run_id = await start_run(db, org, {"time_limit_seconds": 2})
     anon = keys.api_key("anon", dev_settings.jwt_secret)
     script = JsClient.available() and Path(__file__).resolve().parents[1] / "js" / "watch_run.mjs"
-    assert script, "realtime-js is installed by make test"
+    assert script, "supabase-js is installed by make test"
     node = await asyncio.create_subprocess_exec(
-        "node", str(script), rt_server.url, anon, org.planner.access_token, run_id,
+        "node", str(script), "@supabase/supabase-js", "session", "snippet",
+        rt_server.url, anon, org.planner.access_token, run_id,
         cwd=str(script.parent), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     assert node.stdout is not None
+    versions = json.loads(await asyncio.wait_for(node.stdout.readline(), 15))
+    assert versions["type"] == "versions", versions
     first = json.loads(await asyncio.wait_for(node.stdout.readline(), 15))
     assert first == {"type": "subscribed", "payload": {"id": run_id}}
     listeners("L1")

@@ -6,6 +6,7 @@ presence tests mix it with the Python client (vsn 1.0.0) on the same topic.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import asyncpg
 import pytest
 
 from tests.realtime.conftest import World
-from tests.realtime.helpers import JsClient, Pred, PyClient, js_type, kind
+from tests.realtime.helpers import JS_DIR, JsClient, Pred, PyClient, js_type, kind
 from tests.support.realtime import RealtimeServer
 
 pytestmark = [pytest.mark.timeout(90)]
@@ -30,9 +31,23 @@ def js_new(**fields: object) -> Pred:
 
 @pytest.mark.stack  # the npm packages come with `make test` (scripts/install-js.sh)
 def test_realtime_js_is_installed():
-    """`make test` installs the pinned realtime-js (scripts/bootstrap.sh); without it this
-    file would prove nothing, so its absence is a failure, never a skip."""
-    assert JsClient.available(), "run `make test` (or `npm ci` in tests/js)"
+    """`make test` installs the pinned realtime-js (scripts/install-js.sh); without it this
+    file would prove nothing, so its absence is a failure, never a skip. The same `npm ci`
+    installs the two supabase-js releases the UI snippet tests run
+    (tests/listener/test_ui_snippet.py), each on the realtime-js it was released with."""
+    assert JsClient.available(), "run `make js` (or `npm ci` in tests/js)"
+    modules = JS_DIR / "node_modules"
+    installed = {
+        "@supabase/realtime-js": modules / "@supabase" / "realtime-js",
+        "@supabase/supabase-js": modules / "@supabase" / "supabase-js",
+        "supabase-js-on-pinned-realtime": modules / "supabase-js-on-pinned-realtime",
+    }
+    versions = {name: json.loads((path / "package.json").read_text())["version"]
+                for name, path in installed.items()}
+    lock = json.loads((JS_DIR / "package-lock.json").read_text())["packages"]
+    assert versions == {name: lock[f"node_modules/{name}"]["version"] for name in installed}, \
+        "tests/js/node_modules is not what package-lock.json pins: run `make js`"
+    assert versions["supabase-js-on-pinned-realtime"] == versions["@supabase/realtime-js"]
 
 
 @pytest.fixture
