@@ -50,25 +50,45 @@ as $$
     false)
 $$;
 
+-- The same question asked from inside a SECURITY DEFINER function, where current_user is the
+-- function's owner: the caller's database role is the one it SET ROLE to (what PostgREST does
+-- for each request: authenticated, service_role) or else the role it logged in as. Never the
+-- JWT claims: any session can set `request.jwt.claims` to say "service_role", while SET ROLE
+-- needs membership in the role.
+create function planner_private.caller_is_privileged()
+returns boolean
+language sql stable set search_path = ''
+as $$
+  select coalesce(
+    (select r.rolsuper or r.rolbypassrls from pg_catalog.pg_roles r
+      where r.rolname = coalesce(nullif(pg_catalog.current_setting('role'), 'none'),
+                                 session_user)),
+    false)
+$$;
+
 -- For the public functions (request_cancel, restore_job_lines), which run as their owner:
--- planners/admins of the organisation, or a request made with the service-role key.
+-- planners/admins of the organisation, or a privileged database role (the service role).
 create function planner_private.caller_can_plan(p_organization_id uuid)
 returns boolean
 language sql stable security definer set search_path = ''
 as $$
   select planner_private.can_plan(p_organization_id)
-      or coalesce((select auth.role()) = 'service_role', false)
+      or planner_private.caller_is_privileged()
 $$;
 
 -- -- admission of a new run (invariants 3 and 4) -------------------------------------------
--- Called by the insert trigger. Returns the max_attempts a user-requested run gets.
--- Harmless if a user calls it directly: it writes nothing and only answers or raises.
-create function planner_private.admit_run(
+-- The checks every new run passes, whoever inserts it. Returns the max_attempts a
+-- user-requested run gets. Executable by nobody but its owner: the insert trigger reaches it
+-- through admit_user_run or admit_privileged_run below, each of which decides on its own who
+-- is asking (no argument can switch a check off). p_foreign_errcode is the SQLSTATE for an
+-- allocation run of another organisation: PL012 for a user (as for a non-member), PL002 for
+-- the service role.
+create function planner_private.admission_checks(
   p_organization_id uuid,
   p_allocation_run_id uuid,
   p_n_job_lines integer,
   p_constraints text[],
-  p_check_membership boolean
+  p_foreign_errcode text
 ) returns integer
 language plpgsql volatile security definer set search_path = ''
 as $$
@@ -80,17 +100,10 @@ declare
 begin
   select * into strict s from planner_engine.settings where id;
 
-  if p_check_membership then
-    if not planner_private.can_plan(p_organization_id) then
-      raise exception using errcode = 'PL012',
-        message = 'only planners and admins of the organisation can request a planner run',
-        hint = 'ask an admin of the organisation for the planner role';
-    end if;
-  end if;
   if not exists (select 1 from public.allocation_runs a
                   where a.id = p_allocation_run_id and a.organization_id = p_organization_id) then
     raise exception using
-      errcode = case when p_check_membership then 'PL012' else 'PL002' end,
+      errcode = p_foreign_errcode,
       message = format('allocation run %s does not belong to organisation %s',
                        p_allocation_run_id, p_organization_id),
       hint = 'pick an allocation run of the same organisation';
@@ -144,6 +157,48 @@ begin
 end
 $$;
 
+-- What the insert trigger calls for a signed-in user's request (it runs as the user, so the
+-- user may execute this): membership first, so a non-member learns nothing about the
+-- organisation's allocation runs and never takes its request lock.
+create function planner_private.admit_user_run(
+  p_organization_id uuid,
+  p_allocation_run_id uuid,
+  p_n_job_lines integer,
+  p_constraints text[]
+) returns integer
+language plpgsql volatile security definer set search_path = ''
+as $$
+begin
+  if not planner_private.can_plan(p_organization_id) then
+    raise exception using errcode = 'PL012',
+      message = 'only planners and admins of the organisation can request a planner run',
+      hint = 'ask an admin of the organisation for the planner role';
+  end if;
+  return planner_private.admission_checks(p_organization_id, p_allocation_run_id,
+                                          p_n_job_lines, p_constraints, 'PL012');
+end
+$$;
+
+-- The same for a request of a privileged database role (the service role, an operator): no
+-- membership, but the caller must really be such a role.
+create function planner_private.admit_privileged_run(
+  p_organization_id uuid,
+  p_allocation_run_id uuid,
+  p_n_job_lines integer,
+  p_constraints text[]
+) returns integer
+language plpgsql volatile security definer set search_path = ''
+as $$
+begin
+  if not planner_private.caller_is_privileged() then
+    raise exception using errcode = '42501',
+      message = 'only the service role may request a planner run without membership';
+  end if;
+  return planner_private.admission_checks(p_organization_id, p_allocation_run_id,
+                                          p_n_job_lines, p_constraints, 'PL002');
+end
+$$;
+
 -- BEFORE INSERT on allocation_planner_runs. SECURITY INVOKER on purpose: it needs the
 -- inserting role in current_user to tell a user's request from the service role's.
 -- A rule set listed twice would be refused by the solver; since the intent is unambiguous,
@@ -154,7 +209,6 @@ language plpgsql set search_path = ''
 as $$
 declare
   v_user boolean := not planner_private.invoker_is_privileged();
-  v_max_attempts integer;
 begin
   if v_user then
     -- A user only says *what* to plan. Refuse (rather than silently drop) anything else so a
@@ -177,10 +231,12 @@ begin
   new.constraints := array(
     select c from unnest(new.constraints) with ordinality as u(c, i)
      group by c order by min(i));
-  v_max_attempts := planner_private.admit_run(
-    new.organization_id, new.allocation_run_id, new.n_job_lines, new.constraints, v_user);
   if v_user then
-    new.max_attempts := v_max_attempts;
+    new.max_attempts := planner_private.admit_user_run(
+      new.organization_id, new.allocation_run_id, new.n_job_lines, new.constraints);
+  else
+    perform planner_private.admit_privileged_run(
+      new.organization_id, new.allocation_run_id, new.n_job_lines, new.constraints);
   end if;
   return new;
 end

@@ -72,16 +72,32 @@ grant execute on function
   to planner_engine, service_role;
 grant usage on schema planner_engine to service_role;
 
--- Policies and the run-insert trigger call these as the querying role.
+-- Policies and the run-insert trigger call these as the querying role; nothing else in
+-- planner_private is executable by the API roles (admission_checks, caller_is_privileged and
+-- caller_can_plan are reached only from SECURITY DEFINER functions, as their owner).
 grant usage on schema planner_private to authenticated, service_role;
 grant execute on function
   planner_private.has_role(uuid, text[]),
   planner_private.is_member(uuid),
   planner_private.can_plan(uuid),
   planner_private.invoker_is_privileged(),
-  planner_private.admit_run(uuid, uuid, integer, text[], boolean),
   planner_private.can_read_run_topic(text)
   to authenticated, service_role;
+grant execute on function planner_private.admit_user_run(uuid, uuid, integer, text[])
+  to authenticated;
+grant execute on function planner_private.admit_privileged_run(uuid, uuid, integer, text[])
+  to service_role;
+
+-- Sequences: the API roles write no table directly that needs one (log lines go through
+-- planner_engine.write_log), so none of them may move a sequence; setval to its maximum would
+-- break every later insert. The scaffolding's default privileges (Supabase's: everything in
+-- `public` to anon, authenticated and service_role) are revoked for what the migrations'
+-- role creates from now on, so a future table, sequence or function starts closed and gets
+-- exactly the grants written here (the attack matrix fails on any object without a decision).
+revoke all on all sequences in schema public from public, anon, authenticated;
+alter default privileges in schema public revoke all on tables from anon, authenticated;
+alter default privileges in schema public revoke all on sequences from anon, authenticated;
+alter default privileges in schema public revoke all on functions from anon, authenticated;
 
 grant execute on function public.request_cancel(uuid), public.restore_job_lines(uuid)
   to authenticated, service_role;

@@ -17,6 +17,15 @@ prints the same table (`python -m tests.db.test_attack_matrix` regenerates it fr
 * `ok`      - the call succeeds *by design* and changes nothing of A's (see the row's note)
 
 Each cell runs in a transaction that is rolled back, so cells never influence each other.
+
+Under the behavioural cells lies a matrix **derived from the catalogue**: every table, view,
+sequence and function in every schema, and every RLS policy, read from pg_catalog, must have a
+decision in `PRIVILEGES` / `POLICIES` (or be one of Supabase's own objects, listed once in
+`SUPABASE_OWNED`), and the privileges `anon`, `authenticated` (every member role and every
+other organisation's user) and `planner_engine` really hold must equal that decision. A new
+object the migrations create fails the suite until someone decides who may use it; every
+table and function an API role can reach must also have behavioural cells (or a note in
+`REACHABLE_WITHOUT_CELLS` saying why it needs none).
 """
 
 from __future__ import annotations
@@ -93,6 +102,215 @@ RPC_NOTES = {
     "planner_engine.sweep_stale_runs()":
         "the engine may run the sweeper; it only touches runs past the TTL",
 }
+
+
+# -- the catalogue layer ---------------------------------------------------------------------
+#: The database roles behind the actors: anon; authenticated (viewer_B, planner_B, admin_B and
+#: every member of every organisation: what separates them is RLS, tested cell by cell above);
+#: the listener's planner_engine. (service_role bypasses RLS by design and holds everything.)
+ROLES = ("anon", "authenticated", "planner_engine")
+SEL, CRUD = "select", "select,insert,update,delete"
+#: object -> privileges of (anon, authenticated, planner_engine), as `privileges_of` spells
+#: them: table privileges comma-separated, a column-only grant as `update(col,...)`.
+PRIVILEGES: dict[str, tuple[str, str, str]] = {
+    "public.organizations": ("", SEL, SEL),
+    "public.organization_members": ("", CRUD, ""),
+    "public.planner_rule_sets": ("", SEL, SEL),
+    "public.allocation_runs": ("", CRUD, SEL),
+    "public.terms": ("", CRUD, SEL),
+    "public.teams": ("", CRUD, SEL),
+    "public.team_demand": ("", CRUD, SEL),
+    "public.allocation_planner_runs": ("", "select,insert", SEL),
+    "public.job_lines": ("", SEL, ""),
+    "public.rotations": ("", "select,update(pinned,team_id)", ""),
+    "public.job_lines_history": ("", SEL, ""),
+    "public.planner_execution_logs": ("", SEL, ""),
+    "public.planner_execution_logs_id_seq": ("", "", ""),
+    "planner_engine.settings": ("", "", ""),
+    "public.request_cancel(uuid)": ("", "execute", ""),
+    "public.restore_job_lines(uuid)": ("", "execute", ""),
+    "planner_engine.claim_run(text,uuid)": ("", "", "execute"),
+    "planner_engine.heartbeat(uuid,uuid)": ("", "", "execute"),
+    "planner_engine.load_problem(uuid,uuid)": ("", "", "execute"),
+    "planner_engine.commit_plan(uuid,uuid,uuid,jsonb,jsonb)": ("", "", "execute"),
+    "planner_engine.finish_run(uuid,uuid,text,text,jsonb)": ("", "", "execute"),
+    "planner_engine.write_log(uuid,uuid,text,text,jsonb,text,timestamp with time zone)":
+        ("", "", "execute"),
+    "planner_engine.write_logs(jsonb)": ("", "", "execute"),
+    "planner_engine.sweep_stale_runs(interval,interval)": ("", "", "execute"),
+    "planner_private.has_role(uuid,text[])": ("", "execute", ""),
+    "planner_private.is_member(uuid)": ("", "execute", ""),
+    "planner_private.can_plan(uuid)": ("", "execute", ""),
+    "planner_private.invoker_is_privileged()": ("", "execute", ""),
+    "planner_private.can_read_run_topic(text)": ("", "execute", ""),
+    "planner_private.admit_user_run(uuid,uuid,integer,text[])": ("", "execute", ""),
+    "planner_private.admit_privileged_run(uuid,uuid,integer,text[])": ("", "", ""),
+    "planner_private.admission_checks(uuid,uuid,integer,text[],text)": ("", "", ""),
+    "planner_private.caller_is_privileged()": ("", "", ""),
+    "planner_private.caller_can_plan(uuid)": ("", "", ""),
+    "planner_private.allocation_planner_runs_before_insert()": ("", "", ""),
+    "planner_private.allocation_planner_runs_before_update()": ("", "", ""),
+    "planner_private.touch_updated_at()": ("", "", ""),
+    "planner_private.check_plan(jsonb,uuid,uuid)": ("", "", ""),
+    "planner_private.current_plan(uuid,boolean)": ("", "", ""),
+    "planner_private.replace_plan(uuid,uuid,jsonb,uuid,uuid,uuid)": ("", "", ""),
+    "planner_private.raise_lease_lost(uuid,text)": ("", "", ""),
+}
+#: Supabase's own objects (the scaffolding stands in for a hosted project): not the
+#: migrations' to decide, listed once so that nothing else can hide among them.
+SUPABASE_OWNED = frozenset({
+    "auth.users", "auth.uid()", "auth.role()", "auth.jwt()",
+    "realtime.messages", "realtime.topic()",
+    "supabase_migrations.schema_migrations",
+})
+#: Every RLS policy, on any table (the migrations add some to realtime.messages):
+#: (table, policy) -> (command, roles).
+POLICIES: dict[tuple[str, str], tuple[str, str]] = {
+    ("public.organizations", "members_read"): ("SELECT", "authenticated"),
+    ("public.organizations", "engine_reads"): ("SELECT", "planner_engine"),
+    ("public.organization_members", "members_read"): ("SELECT", "authenticated"),
+    ("public.organization_members", "admins_insert"): ("INSERT", "authenticated"),
+    ("public.organization_members", "admins_update"): ("UPDATE", "authenticated"),
+    ("public.organization_members", "admins_delete"): ("DELETE", "authenticated"),
+    ("public.planner_rule_sets", "everyone_signed_in_reads"):
+        ("SELECT", "authenticated,planner_engine"),
+    **{(f"public.{t}", name): (cmd, role)
+       for t in ("allocation_runs", "terms", "teams", "team_demand")
+       for name, cmd, role in (("members_read", "SELECT", "authenticated"),
+                               ("planners_insert", "INSERT", "authenticated"),
+                               ("planners_update", "UPDATE", "authenticated"),
+                               ("planners_delete", "DELETE", "authenticated"),
+                               ("engine_reads", "SELECT", "planner_engine"))},
+    ("public.allocation_planner_runs", "members_read"): ("SELECT", "authenticated"),
+    ("public.allocation_planner_runs", "planners_insert"): ("INSERT", "authenticated"),
+    ("public.allocation_planner_runs", "engine_reads"): ("SELECT", "planner_engine"),
+    ("public.job_lines", "members_read"): ("SELECT", "authenticated"),
+    ("public.rotations", "members_read"): ("SELECT", "authenticated"),
+    ("public.rotations", "planners_update"): ("UPDATE", "authenticated"),
+    ("public.job_lines_history", "members_read"): ("SELECT", "authenticated"),
+    ("public.planner_execution_logs", "members_read"): ("SELECT", "authenticated"),
+    ("realtime.messages", "planner_run_members_read"): ("SELECT", "authenticated"),
+}
+#: Functions an API role may execute that have no behavioural cell, and why none is needed.
+REACHABLE_WITHOUT_CELLS = {
+    "planner_private.has_role(uuid,text[])":
+        "policy helper: answers whether the caller itself holds a role (auth.uid())",
+    "planner_private.is_member(uuid)": "policy helper: the caller's own membership",
+    "planner_private.can_plan(uuid)": "policy helper: the caller's own planner/admin role",
+    "planner_private.invoker_is_privileged()": "the insert trigger's question about current_user",
+    "planner_private.can_read_run_topic(text)":
+        "realtime.messages policy: the caller's own membership of the run's organisation",
+    "planner_private.admit_user_run(uuid,uuid,integer,text[])":
+        "the insert trigger's admission for a user: membership first "
+        "(tests/db/test_private_helpers.py attacks it directly)",
+}
+
+#: Every table, view, sequence and function outside PostgreSQL's own schemas and outside
+#: extensions (pg_cron's objects belong to pg_cron), as `schema.name` / regprocedure text.
+CATALOGUE_SQL = """
+select n.nspname || '.' || c.relname as object, c.relkind::text as kind
+  from pg_class c join pg_namespace n on n.oid = c.relnamespace
+ where c.relkind in ('r', 'p', 'v', 'm', 'f', 'S')
+   and n.nspname not in ('pg_catalog', 'information_schema', 'pg_toast')
+   and not exists (select 1 from pg_depend d where d.classid = 'pg_class'::regclass
+                    and d.objid = c.oid and d.deptype = 'e')
+union all
+select case when n.nspname = 'public' then 'public.' else '' end || p.oid::regprocedure::text,
+       'function'
+  from pg_proc p join pg_namespace n on n.oid = p.pronamespace
+ where n.nspname not in ('pg_catalog', 'information_schema')
+   and not exists (select 1 from pg_depend d where d.classid = 'pg_proc'::regclass
+                    and d.objid = p.oid and d.deptype = 'e')
+"""
+TABLE_PRIVILEGES = ("select", "insert", "update", "delete", "truncate", "references", "trigger")
+
+
+async def privileges_of(conn: asyncpg.Connection, obj: str, kind: str, role: str) -> str:
+    """What `role` may do with `obj`, read from the catalogue (has_*_privilege, so grants to
+    PUBLIC and through role membership count)."""
+    if kind == "function":
+        ok = await conn.fetchval("select has_function_privilege($1, $2::regprocedure,"
+                                 " 'execute')", role, obj)
+        return "execute" if ok else ""
+    if kind == "S":
+        return ",".join([p for p in ("usage", "select", "update") if await conn.fetchval(
+            "select has_sequence_privilege($1, $2::regclass, $3)", role, obj, p)])
+    held = [p for p in TABLE_PRIVILEGES if await conn.fetchval(
+        "select has_table_privilege($1, $2::regclass, $3)", role, obj, p)]
+    for p in ("select", "insert", "update"):
+        if p not in held:
+            cols = [r[0] for r in await conn.fetch(
+                "select a.attname from pg_attribute a where a.attrelid = $2::regclass"
+                " and a.attnum > 0 and not a.attisdropped"
+                " and has_column_privilege($1, a.attrelid, a.attnum, $3) order by a.attname",
+                role, obj, p)]
+            if cols:
+                held.append(f"{p}({','.join(cols)})")
+    return ",".join(held)
+
+
+async def undecided_objects(conn: asyncpg.Connection) -> list[str]:
+    """Objects in the catalogue with no decision that are not Supabase's."""
+    objects = {r["object"] for r in await conn.fetch(CATALOGUE_SQL)}
+    return sorted(objects - set(PRIVILEGES) - SUPABASE_OWNED)
+
+
+async def test_a_new_object_without_a_decision_is_caught(su: asyncpg.Connection) -> None:
+    """The holes the hand-written matrix could not see: a new public table without RLS and a
+    SECURITY DEFINER function in public (created in a transaction that is rolled back)."""
+    tx = su.transaction()
+    await tx.start()
+    try:
+        await su.execute("create table public.sneaky (id int)")
+        await su.execute("create function public.sneaky_definer() returns int language sql"
+                         " security definer as 'select 1'")
+        await su.execute("create view planner_private.sneaky_view as select 1 as x")
+        assert await undecided_objects(su) == [
+            "planner_private.sneaky_view", "public.sneaky", "public.sneaky_definer()"]
+    finally:
+        await tx.rollback()
+
+
+async def test_every_object_has_a_privilege_decision(su: asyncpg.Connection) -> None:
+    """Derived from the catalogue: each object is decided or Supabase's, and each role holds
+    exactly the decided privileges. Fails on a new object without a decision."""
+    objects = {r["object"]: r["kind"] for r in await su.fetch(CATALOGUE_SQL)}
+    undecided = await undecided_objects(su)
+    assert not undecided, f"objects without a privilege decision (add them to PRIVILEGES): " \
+                          f"{undecided}"
+    gone = sorted((set(PRIVILEGES) | SUPABASE_OWNED) - set(objects))
+    assert not gone, f"decisions for objects that no longer exist: {gone}"
+    wrong = []
+    for obj, decided in PRIVILEGES.items():
+        for role, want in zip(ROLES, decided, strict=True):
+            got = await privileges_of(su, obj, objects[obj], role)
+            if got != want:
+                wrong.append(f"{role} on {obj}: decided {want!r}, holds {got!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+async def test_every_policy_has_a_decision(su: asyncpg.Connection) -> None:
+    """Every RLS policy in the database (a permissive policy widens access; one added to a
+    Supabase table such as realtime.messages too) is in POLICIES, with its command and roles."""
+    found = {(f"{r['schemaname']}.{r['tablename']}", r["policyname"]): (r["cmd"], r["roles"])
+             for r in await su.fetch(
+                 "select schemaname, tablename, policyname, cmd,"
+                 " array_to_string(array(select unnest(roles) order by 1), ',') as roles"
+                 " from pg_policies")}
+    assert found == POLICIES
+
+
+async def test_what_api_roles_reach_has_behavioural_cells(su: asyncpg.Connection) -> None:
+    """A table an API role may touch has a row in EXPECTED; a function it may execute has a
+    call in EXPECTED_RPC or a reason in REACHABLE_WITHOUT_CELLS."""
+    objects = {r["object"]: r["kind"] for r in await su.fetch(CATALOGUE_SQL)}
+    tables = {obj.removeprefix("public.") for obj, kind in objects.items()
+              if kind != "function" and kind != "S" and obj not in SUPABASE_OWNED}
+    assert tables == set(EXPECTED), tables ^ set(EXPECTED)
+    called = {call.split("(")[0] for call in EXPECTED_RPC}
+    for obj, decided in PRIVILEGES.items():
+        if objects[obj] == "function" and any(decided):
+            assert obj.split("(")[0] in called or obj in REACHABLE_WITHOUT_CELLS, obj
 
 
 @dataclass
@@ -180,29 +398,38 @@ _SET = {"organizations": "name = name", "organization_members": "role = role",
 
 
 async def _as_actor(
-    actor: str, f: Fixture, pg: asyncpg.Connection, engine: asyncpg.Connection,
+    actor: str, f: Fixture, pg: asyncpg.Connection,
     op: Callable[[asyncpg.Connection], Awaitable[str]],
+    after: Callable[[asyncpg.Connection], Awaitable[None]] | None = None,
 ) -> str:
-    """Run `op` as the actor inside a transaction that is always rolled back."""
-    conn = engine if actor == "engine" else pg
-    tx = conn.transaction()
+    """Run `op` as the actor inside a transaction that is always rolled back. The engine is
+    `set role planner_engine` (the same privileges as its login). `after`, if given, runs in
+    the same transaction once `op` succeeded, back as superuser: it sees what `op` changed
+    before the rollback throws it away."""
+    tx = pg.transaction()
     await tx.start()
     try:
-        if actor != "engine":
+        if actor == "engine":
+            await pg.execute("set local role planner_engine")
+        else:
             role = "anon" if actor == "anon" else "authenticated"
             b = f.w.b
             sub = {"viewer_B": b.viewer, "planner_B": b.planner, "admin_B": b.admin}.get(actor)
             claims = {"role": role, **({"sub": sub} if sub else {})}
-            await conn.execute(
+            await pg.execute(
                 "select set_config('request.jwt.claims', $1, true),"
                 " set_config('request.jwt.claim.sub', $2, true),"
                 " set_config('request.jwt.claim.role', $3, true)",
                 json.dumps(claims), sub or "", role)
-            await conn.execute(f"set local role {role}")
+            await pg.execute(f"set local role {role}")
         try:
-            return await op(conn)
+            got = await op(pg)
         except asyncpg.PostgresError as exc:
             return "denied" if exc.sqlstate == "42501" else str(exc.sqlstate)
+        if after is not None:
+            await pg.execute("reset role")
+            await after(pg)
+        return got
     finally:
         await tx.rollback()
 
@@ -232,10 +459,10 @@ CELLS = [(t, op, actor) for t in EXPECTED for op in OPS for actor in ACTORS]
 
 @pytest.mark.parametrize(("table", "op", "actor"), CELLS,
                          ids=[f"{t}-{op}-{a}" for t, op, a in CELLS])
-async def test_table_cell(pg: asyncpg.Connection, engine: asyncpg.Connection, fx: Fixture,
+async def test_table_cell(pg: asyncpg.Connection, fx: Fixture,
                           table: str, op: str, actor: str) -> None:
     expected = EXPECTED[table][op][ACTORS.index(actor)]
-    got = await _as_actor(actor, fx, pg, engine, _table_op(table, op, fx))
+    got = await _as_actor(actor, fx, pg, _table_op(table, op, fx))
     assert got == expected, f"{actor} {op} on {table}: expected {expected}, got {got}"
 
 
@@ -292,19 +519,40 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
 RPC_CELLS = [(name, actor) for name in EXPECTED_RPC for actor in ACTORS]
 
 
+#: What a call that succeeds by design may change (inside its rolled-back transaction): run
+#: ids whose state may differ afterwards. Every other successful call must change nothing.
+MAY_CHANGE = {"planner_engine.claim_run(A's pending run)": "pending_run"}
+RUN_STATE = ("select id, status, lease, attempts, heartbeat_at, finished_at, error,"
+             " result_metadata from allocation_planner_runs order by id")
+ROW_COUNTS = ("select (select count(*) from job_lines) as job_lines,"
+              " (select count(*) from rotations) as rotations,"
+              " (select count(*) from job_lines_history) as history,"
+              " (select count(*) from planner_execution_logs) as logs,"
+              " (select count(*) from allocation_planner_runs) as runs")
+
+
 @pytest.mark.parametrize(("call", "actor"), RPC_CELLS,
                          ids=[f"{c.split('(')[0]}-{i}-{a}" for i, (c, a) in enumerate(RPC_CELLS)])
-async def test_function_cell(pg: asyncpg.Connection, engine: asyncpg.Connection, fx: Fixture,
-                             su: asyncpg.Connection, call: str, actor: str) -> None:
-    before = await su.fetch("select id, status, lease, attempts, heartbeat_at"
-                            " from allocation_planner_runs order by id")
+async def test_function_cell(pg: asyncpg.Connection, fx: Fixture, su: asyncpg.Connection,
+                             call: str, actor: str) -> None:
+    before = {r["id"]: r for r in await su.fetch(RUN_STATE)}
+    counts = await su.fetchrow(ROW_COUNTS)
+    seen: dict[str, Any] = {}
+
+    async def after(conn: asyncpg.Connection) -> None:
+        # Inside the cell's transaction, before its rollback: what the call itself changed.
+        now = {r["id"]: r for r in await conn.fetch(RUN_STATE)}
+        seen["changed"] = {str(i) for i in before.keys() | now.keys()
+                           if before.get(i) != now.get(i)}
+        seen["counts"] = await conn.fetchrow(ROW_COUNTS)
+
     expected = EXPECTED_RPC[call][ACTORS.index(actor)]
-    got = await _as_actor(actor, fx, pg, engine, _rpc(call, fx))
+    got = await _as_actor(actor, fx, pg, _rpc(call, fx), after)
     assert got == expected, f"{actor} calling {call}: expected {expected}, got {got}"
-    # Rolled back or refused: no run changed (the cell's transaction never commits).
-    after = await su.fetch("select id, status, lease, attempts, heartbeat_at"
-                           " from allocation_planner_runs order by id")
-    assert before == after
+    if got == "ok":
+        allowed = {getattr(fx, MAY_CHANGE[call])} if call in MAY_CHANGE else set()
+        assert seen["changed"] == allowed, f"{call} changed runs {seen['changed']}"
+        assert seen["counts"] == counts, f"{call} wrote rows: {counts} -> {seen['counts']}"
 
 
 async def test_matrix_is_complete_and_not_vacuous(su: asyncpg.Connection, fx: Fixture) -> None:
@@ -339,6 +587,19 @@ def markdown() -> str:
         out.append(f"| `{call}` | " + " | ".join(cells) + " |")
     out += ["", "Why each `ok` is harmless:", ""]
     out += [f"- `{k}`: {v}" for k, v in RPC_NOTES.items()]
+    out += ["", "Privileges, derived from the catalogue (`test_every_object_has_a_privilege_"
+            "decision`; empty = none):", "",
+            "| object | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
+    out += [f"| `{obj}` | " + " | ".join(f"`{p}`" if p else "" for p in privs) + " |"
+            for obj, privs in PRIVILEGES.items()]
+    out += ["", "Supabase's own objects, left as the project has them: "
+            + ", ".join(f"`{o}`" for o in sorted(SUPABASE_OWNED)) + ".", "",
+            "Policies (`test_every_policy_has_a_decision`):", "",
+            "| table | policy | command | roles |", "|---|---|---|---|"]
+    out += [f"| `{t}` | `{name}` | {cmd} | {roles} |"
+            for (t, name), (cmd, roles) in POLICIES.items()]
+    out += ["", "Reachable by an API role without a behavioural cell, and why:", ""]
+    out += [f"- `{k}`: {v}" for k, v in REACHABLE_WITHOUT_CELLS.items()]
     return "\n".join(out)
 
 
