@@ -190,6 +190,7 @@ POLICIES: dict[tuple[str, str], tuple[str, str]] = {
     ("public.job_lines_history", "members_read"): ("SELECT", "authenticated"),
     ("public.planner_execution_logs", "members_read"): ("SELECT", "authenticated"),
     ("realtime.messages", "planner_run_members_read"): ("SELECT", "authenticated"),
+    ("realtime.messages", "planner_engine_runs_listener_read"): ("SELECT", "service_role"),
 }
 #: Functions an API role may execute that have no behavioural cell, and why none is needed.
 REACHABLE_WITHOUT_CELLS = {
