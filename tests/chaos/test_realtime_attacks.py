@@ -20,7 +20,7 @@ from devstack import keys
 from devstack.seed import SeededOrganization
 from devstack.settings import DevSettings
 from listener.db import EngineDB
-from listener.realtime_link import RealtimeLink
+from listener.realtime_link import CHANNEL, RealtimeLink
 from tests.realtime.helpers import PyClient, kind
 from tests.support.harness import (
     TERMINAL,
@@ -232,19 +232,27 @@ async def test_tampered_events_change_nothing(
          "created_at": "2000-01-01T00:00:00Z"},
         {"id": "'; drop table job_lines; --", "status": "PENDING"},
     ]
-    # (a) over the wire, on the topic the listener subscribes to, with keys outsiders hold.
+    # (a) over the wire, with keys outsiders hold: the listener's topic is private and only
+    # its own role may join it, so outsiders are refused there; a REST broadcast to it is
+    # dropped, and the public topic of the same name (which the listener no longer joins)
+    # takes their frames and reaches nobody.
     anon = keys.api_key("anon", dev_settings.jwt_secret)
     for token in (anon, b.planner.access_token):
+        refused = PyClient(rt_server.url, token)
+        clients.append(refused)
+        assert await refused.subscribe(refused.channel(CHANNEL, {"private": True})) \
+            == "CHANNEL_ERROR"
         c = PyClient(rt_server.url, token)
         clients.append(c)
-        ch = c.channel("planner-engine-runs")
+        ch = c.channel(CHANNEL)
         assert await c.subscribe(ch) == "SUBSCRIBED"
         echo = await self_echo(c, f"echo-{len(clients)}")
         for rec in records:
             for event in ("postgres_changes", "INSERT", "*"):
                 await ch.send_broadcast(event, _change(rec))
-        assert await rest_broadcast(rt_server, token, "planner-engine-runs", _change(records[0]),
-                                    private=False) in (202, 401)
+        for private in (True, False):
+            assert await rest_broadcast(rt_server, token, CHANNEL, _change(records[0]),
+                                        private=private) in (202, 401)
         await echo()  # every tampered frame of this socket has been fanned out
     # (b) into the listener's own callback, with the real engine claim behind every hint.
     hints: list[uuid.UUID] = []
