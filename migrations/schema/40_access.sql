@@ -206,9 +206,14 @@ create policy planner_engine_runs_listener_read on realtime.messages
   for select to service_role
   using (extension = 'broadcast' and (select realtime.topic()) = 'planner-engine-runs');
 
--- postgres_changes for the UI's run status. FULL: UPDATE events carry the old row too, so the
--- UI sees which status a run came from and Realtime can apply RLS to every column it sends.
-alter table public.allocation_planner_runs replica identity full;
+-- postgres_changes for the UI's run status, with the DEFAULT replica identity (old rows are
+-- the primary key only). Realtime applies no RLS to DELETE changes and matches filters against
+-- the old row: with FULL, any signed-in user subscribed with a filter such as
+-- `n_job_lines=gt.300` or `organization_id=eq.<uuid>` learnt size, status and requester of
+-- another organisation's runs whenever they were deleted. DEFAULT also keeps every lease,
+-- heartbeat and finish UPDATE from writing the whole old row to the WAL. The UI reads a run's
+-- new state from `record` (docs/listener.md); nothing needs the old one.
+alter table public.allocation_planner_runs replica identity default;
 do $$
 begin
   if not exists (select 1 from pg_publication_tables
