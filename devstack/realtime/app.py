@@ -134,6 +134,11 @@ class Server:
             "database": self.db_ready,
             "connections": len(self.connections),
             "changes_delivered": self.changes.delivered,
+            # The rate counters' last averages and whether they are over the tenant limit.
+            "rate": {
+                name: {"avg": counter.avg, "limited": counter.triggered}
+                for name, counter in (("events", self.events), ("db_events", self.db_events))
+            },
         }
         return web.json_response(body, status=200 if self.healthy else 503)
 

@@ -15,7 +15,8 @@ later tick finds it below the limit again. Consequences hosted users see, mirror
 * postgres_changes are skipped while the separate database-events counter is triggered
   (`replication_poller.ex`).
 
-Because the first reading alone makes the average, a burst within one tick counts fully.
+The average is over the readings so far, at most 12 (one minute at hosted's tick): a burst is
+spread over the last minute, except in a counter's first minute, when fewer readings weigh it.
 """
 
 from __future__ import annotations
