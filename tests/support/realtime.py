@@ -25,7 +25,6 @@ from types import TracebackType
 
 from devstack.settings import REPO_ROOT, DevSettings
 
-
 # Hosted's 100 events/s per tenant would throttle the listener's suites and the benchmarks
 # (bursts of runs, progress broadcasts); they get this instead. `None` = hosted's default.
 RAISED_EVENTS_PER_SECOND = 1_000_000
