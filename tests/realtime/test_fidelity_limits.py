@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from realtime.exceptions import RealtimeHTTPError
 
 from devstack.settings import DevSettings
 from tests.realtime.conftest import World
@@ -27,7 +28,7 @@ from tests.support.realtime import RealtimeServer
 pytestmark = pytest.mark.timeout(90)
 
 LIMIT = 20  # events per second
-TICK_MS = 200
+TICK_MS = 400  # readings; the limit applies to the last 12 (4.8 s)
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,9 @@ async def test_rest_batches_over_the_limit_get_429(
         return {"messages": [{"topic": "rest-limit", "event": "e", "payload": {"i": i}}
                              for i in range(n)]}
 
-    # Each delivery counts too: with 5 subscribers a batch of 20 counts 120 events, over the
-    # limit even averaged over a full window of 12 readings (120 / 12 / 0.2 s = 50/s).
-    for i in range(5):
+    # Each delivery counts too: with 8 subscribers a batch of 20 counts 180 events, over the
+    # limit even averaged over a full window of 12 readings (180 / 12 / 0.4 s = 37.5/s).
+    for i in range(8):
         sub = await connect(session, limited_server, world.service_key)
         await sub.send("realtime:rest-limit", "phx_join", {"config": {}}, str(i), str(i))
         assert (await sub.recv())["payload"]["status"] == "ok"
@@ -113,6 +114,14 @@ async def test_rest_batches_over_the_limit_get_429(
     async with session.post(url, json=batch(1), headers=headers) as resp:
         assert resp.status == 429
         assert await resp.json() == {"message": "You have exceeded your rate limit"}
+    # What the official client's `http_send` (the single-message endpoint) makes of it.
+    client = PyClient(limited_server.url, world.service_key)
+    try:
+        with pytest.raises(RealtimeHTTPError) as err:
+            await client.channel("rest-limit").http_send("e", {"i": -1})
+        assert (str(err.value), err.value.status) == ("You have exceeded your rate limit", 429)
+    finally:
+        await client.close()
 
 
 async def test_channel_over_the_limit_is_shut_down(
@@ -161,10 +170,10 @@ async def test_postgres_changes_are_skipped_while_over_the_limit(
         c.on_pg(ch, "INSERT", "rt_plain")
         assert await c.subscribe(ch, wait_system=True) == "SUBSCRIBED"
         await wait_rate(limited_server, "db_events", False)
-        # 100 changes: over the limit even averaged over 12 readings (100 / 12 / 0.2 s).
+        # 200 changes: over the limit even averaged over 12 readings (200 / 12 / 0.4 s).
         await pg.execute(
-            "insert into rt_plain select g, 'burst', g from generate_series(1, 100) g")
-        for _ in range(100):
+            "insert into rt_plain select g, 'burst', g from generate_series(1, 200) g")
+        for _ in range(200):
             await c.events.wait(kind("pg"))
         await wait_rate(limited_server, "db_events", True)
         await pg.execute("insert into rt_plain values (1001, 'dropped', 0)")
