@@ -14,6 +14,7 @@ import sys
 
 from loguru import logger
 
+from devstack.keys import LOCAL_PUBLISHABLE_KEY, LOCAL_SECRET_KEY
 from devstack.realtime.app import Server, serve
 
 
@@ -33,6 +34,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--channel-error-backoff-ms", type=int, default=5000,
         help="delay before a failed join reply (Supabase: CHANNEL_ERROR_BACKOFF_MS, 5000)",
     )
+    p.add_argument(
+        "--publishable-key", default=LOCAL_PUBLISHABLE_KEY,
+        help="opaque sb_publishable_ key accepted as role anon (default: the stack's)",
+    )
+    p.add_argument(
+        "--secret-key", default=LOCAL_SECRET_KEY,
+        help="opaque sb_secret_ key accepted as role service_role (default: the stack's)",
+    )
+    p.add_argument(
+        "--idle-timeout-ms", type=int, default=60_000,
+        help="close a socket that sent nothing for this long (Phoenix: 60000); 0 = never",
+    )
+    p.add_argument(
+        "--max-events-per-second", type=float, default=100,
+        help="tenant rate limit (Supabase: TENANT_MAX_EVENTS_PER_SECOND, 100)",
+    )
+    p.add_argument(
+        "--rate-counter-tick-ms", type=int, default=5000,
+        help="rate counter period; the limit applies to the average of 12 (Supabase: 5000)",
+    )
     return p.parse_args(argv)
 
 
@@ -46,6 +67,10 @@ async def amain(args: argparse.Namespace) -> None:
         args.jwt_secret,
         connect_error_backoff_s=args.connect_error_backoff_ms / 1000,
         channel_error_backoff_s=args.channel_error_backoff_ms / 1000,
+        opaque_keys={args.publishable_key: "anon", args.secret_key: "service_role"},
+        idle_timeout_s=args.idle_timeout_ms / 1000,
+        max_events_per_second=args.max_events_per_second,
+        rate_tick_s=args.rate_counter_tick_ms / 1000,
     )
     await serve(server, args.host, args.port, stop)
 

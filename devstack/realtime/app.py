@@ -17,16 +17,27 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from loguru import logger
 
-from devstack.realtime.auth import AuthError, Identity, TokenVerifier
+from devstack.realtime.auth import (
+    INVALID_API_KEY_BODY,
+    AuthError,
+    Identity,
+    InvalidApiKey,
+    TokenVerifier,
+)
 from devstack.realtime.changes import ChangeDispatcher
+from devstack.realtime.channel import Channel
 from devstack.realtime.connection import Connection
 from devstack.realtime.database import Database
 from devstack.realtime.hub import Hub
+from devstack.realtime.limits import MAX_EVENTS_PER_SECOND, TICK_S, RateCounter, batch_refusal
 from devstack.realtime.replication import ReplicationStream
 from devstack.realtime.serializer import ENCODING_BINARY, UserBroadcast, serializer_for
 from listener.backoff import Backoff
 
 MAX_FRAME_BYTES = 5_000_000
+# Phoenix's WebSocket transport closes a socket that received nothing for this long.
+IDLE_TIMEOUT_S = 60.0
+RATE_LIMITED = "Too many messages per second"
 
 
 class Server:
@@ -39,14 +50,21 @@ class Server:
         *,
         connect_error_backoff_s: float = 2.0,
         channel_error_backoff_s: float = 5.0,
+        opaque_keys: dict[str, str] | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        max_events_per_second: float = MAX_EVENTS_PER_SECOND,
+        rate_tick_s: float = TICK_S,
     ) -> None:
         self.database_url = database_url
-        self.verifier = TokenVerifier(jwt_secret)
+        self.verifier = TokenVerifier(jwt_secret, opaque_keys)
         self.connect_error_backoff_s = connect_error_backoff_s
         self.channel_error_backoff_s = channel_error_backoff_s
+        self.idle_timeout_s = idle_timeout_s
+        self.events = RateCounter("events", max_events_per_second, rate_tick_s)
+        self.db_events = RateCounter("postgres changes", max_events_per_second, rate_tick_s)
         self.db = Database(database_url)
-        self.hub = Hub()
-        self.changes = ChangeDispatcher(self.db)
+        self.hub = Hub(on_delivered=self.count_delivery)
+        self.changes = ChangeDispatcher(self.db, self.db_events)
         self.connections: set[Connection] = set()
         self.stream: ReplicationStream | None = None
         self.db_ready = False
@@ -60,6 +78,8 @@ class Server:
             self.database_url, loop, self.changes.on_change, self._on_stream_state
         )
         self.stream.start()
+        self.events.start()
+        self.db_events.start()
         self._tasks.append(asyncio.create_task(self._open_db()))
         self._tasks.append(asyncio.create_task(self.changes.run()))
 
@@ -88,9 +108,18 @@ class Server:
                 await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
         for task in self._tasks:
             task.cancel()
+        await self.events.stop()
+        await self.db_events.stop()
         if self.stream is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.stream.stop)
         await self.db.close()
+
+    def count_delivery(self, ch: Channel) -> None:
+        """A message reached a channel: count it; over the limit the channel is shut down
+        (after the message, as hosted's channel process does on `:update_rate_counter`)."""
+        self.events.add()
+        if self.events.triggered and not ch.closed:
+            ch.conn.shutdown_channel(ch, RATE_LIMITED)
 
     @property
     def healthy(self) -> bool:
@@ -105,6 +134,11 @@ class Server:
             "database": self.db_ready,
             "connections": len(self.connections),
             "changes_delivered": self.changes.delivered,
+            # The rate counters' last averages and whether they are over the tenant limit.
+            "rate": {
+                name: {"avg": counter.avg, "limited": counter.triggered}
+                for name, counter in (("events", self.events), ("db_events", self.db_events))
+            },
         }
         return web.json_response(body, status=200 if self.healthy else 503)
 
@@ -115,11 +149,16 @@ class Server:
         token = request.headers.get("x-api-key") or request.query.get("apikey")
         try:
             identity = self.verifier.verify(token)
+        except InvalidApiKey:
+            # Refused by the API gateway in front of hosted Realtime: no back-off there.
+            logger.info("connection refused: unknown opaque API key")
+            return web.json_response(INVALID_API_KEY_BODY, status=401)
         except AuthError as exc:
-            logger.info("connection refused: {}", exc.message)
+            logger.info("connection refused: {}", exc.reason)
             await asyncio.sleep(self.connect_error_backoff_s)
-            return web.json_response({"error": exc.message}, status=401)
-        ws = web.WebSocketResponse(autoping=True, max_msg_size=MAX_FRAME_BYTES)
+            return web.json_response({"error": exc.http_message}, status=exc.http_status)
+        # Pings are answered by Connection.serve, so that they count as activity.
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=MAX_FRAME_BYTES)
         await ws.prepare(request)
         peer = f"{request.remote}#{id(ws) % 100000}"
         conn = Connection(self, ws, serializer, identity, peer)
@@ -153,13 +192,25 @@ class Server:
             if not allowed[topic]:
                 logger.debug("REST broadcast to private {} skipped (write denied)", topic)
                 return
+        self.events.add()  # hosted counts each accepted REST message once, plus deliveries
         self.hub.broadcast((topic, private), message)
+
+    @staticmethod
+    def _rest_refusal(exc: AuthError) -> web.Response:
+        if isinstance(exc, InvalidApiKey):
+            return web.json_response(INVALID_API_KEY_BODY, status=401)
+        return web.json_response({"message": "Unauthorized"}, status=401)
+
+    @staticmethod
+    def _too_many(message: str) -> web.Response:
+        logger.info("REST broadcast refused: {}", message)
+        return web.json_response({"message": message}, status=429)
 
     async def broadcast_batch(self, request: web.Request) -> web.Response:
         try:
             identity = self._rest_identity(request)
-        except AuthError:
-            return web.json_response({"message": "Unauthorized"}, status=401)
+        except AuthError as exc:
+            return self._rest_refusal(exc)
         try:
             body = await request.json()
         except ValueError:
@@ -182,6 +233,9 @@ class Server:
                 errors.append(err)
         if errors:
             return web.json_response({"errors": {"messages": errors}}, status=422)
+        refusal = batch_refusal(self.events, len(messages))
+        if refusal is not None:
+            return self._too_many(refusal)
         allowed: dict[str, bool] = {}
         for m in messages:
             out: dict[str, Any] = {
@@ -196,8 +250,8 @@ class Server:
     async def broadcast_single(self, request: web.Request) -> web.Response:
         try:
             identity = self._rest_identity(request)
-        except AuthError:
-            return web.json_response({"message": "Unauthorized"}, status=401)
+        except AuthError as exc:
+            return self._rest_refusal(exc)
         topic = request.match_info["topic"]
         event = request.match_info["event"]
         private = request.query.get("private") == "true"
@@ -215,6 +269,9 @@ class Server:
                                     body=await request.read())
         else:
             return web.json_response({"error": "unsupported content type"}, status=415)
+        refusal = batch_refusal(self.events, 1)
+        if refusal is not None:
+            return self._too_many(refusal)
         await self._rest_send(identity, topic, private, message, {})
         return web.Response(status=202)
 

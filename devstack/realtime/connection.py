@@ -19,7 +19,7 @@ import json
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from loguru import logger
 
 from devstack.realtime.auth import AuthError, Identity
@@ -90,12 +90,26 @@ class Connection:
     # -- lifecycle -------------------------------------------------------------------------
     async def serve(self) -> None:
         writer = asyncio.create_task(self.writer())
+        idle = self.server.idle_timeout_s
         try:
-            async for raw in self.ws:
+            while True:
+                try:
+                    raw = await self.ws.receive(timeout=idle if idle > 0 else None)
+                except TimeoutError:
+                    # Phoenix (cowboy's idle_timeout): close 1000, empty reason, after
+                    # `timeout` without any frame from the client; our pushes do not count.
+                    logger.info("{}: idle for {:.1f}s, closing", self.peer, idle)
+                    await self.ws.close(code=WSCloseCode.OK, message=b"")
+                    break
                 if raw.type == WSMsgType.TEXT:
                     data: str | bytes = raw.data
                 elif raw.type == WSMsgType.BINARY:
                     data = raw.data
+                elif raw.type == WSMsgType.PING:
+                    await self.ws.pong(raw.data)
+                    continue
+                elif raw.type == WSMsgType.PONG:
+                    continue
                 else:
                     break
                 try:
@@ -180,6 +194,8 @@ class Connection:
         elif msg.event == "presence":
             await self.on_presence(ch, payload, msg.ref)
         else:
+            # Hosted counts unexpected client events against the tenant's rate.
+            self.server.events.add()
             logger.info("{}: ignoring event {} on {}", self.peer, msg.event, msg.topic)
 
     async def join(self, msg: Message) -> None:
@@ -310,7 +326,7 @@ class Connection:
         try:
             identity = self.server.verifier.verify(token)
         except AuthError as exc:
-            self.shutdown_channel(ch, exc.message)
+            self.shutdown_channel(ch, exc.refresh_message)
             return
         ch.identity = identity
         ch.can_write.clear()

@@ -77,6 +77,7 @@ class Database:
         self._publication: set[tuple[str, str]] = set()
         self._publication_at = 0.0
         self._bypass: dict[str, bool] = {}
+        self._readable: dict[tuple[str, str, str], tuple[float, frozenset[str]]] = {}
         self._lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -108,6 +109,31 @@ class Database:
 
     def forget_table(self, schema: str, table: str) -> None:
         self._tables.pop((schema, table), None)
+        for key in [k for k in self._readable if k[:2] == (schema, table)]:
+            del self._readable[key]
+
+    async def readable_columns(self, info: TableInfo, role: str) -> frozenset[str]:
+        """Columns `role` may SELECT (`has_column_privilege`, as `realtime.apply_rls` asks),
+        cached like the table metadata; none for a role that does not exist."""
+        key = (info.schema, info.name, role)
+        hit = self._readable.get(key)
+        if hit is not None and time.monotonic() - hit[0] < TABLE_TTL_S:
+            return hit[1]
+        try:
+            rows = await self.pool.fetch(
+                """
+                select a.attname from pg_attribute a
+                where a.attrelid = $1::regclass and a.attnum > 0 and not a.attisdropped
+                  and has_column_privilege($2, a.attrelid, a.attnum, 'SELECT')
+                """,
+                info.qualified, role,
+            )
+        except asyncpg.PostgresError as exc:
+            logger.debug("column privileges of role {!r} unknown: {}", role, exc)
+            rows = []
+        cols = frozenset(r[0] for r in rows)
+        self._readable[key] = (time.monotonic(), cols)
+        return cols
 
     async def table(self, schema: str, table: str) -> TableInfo | None:
         """Cached metadata of a table; None if it does not exist."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
@@ -26,7 +27,9 @@ def _phx_ref() -> str:
 class Hub:
     """Members of each topic group and their presence metas."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_delivered: Callable[[Channel], None] | None = None) -> None:
+        # Called after each broadcast reaches a channel (the server's rate limit hook).
+        self.on_delivered = on_delivered
         self.members: dict[Group, set[Channel]] = defaultdict(set)
         # group -> channel -> (key, meta)
         self.presence: dict[Group, dict[Channel, tuple[str, dict[str, Any]]]] = defaultdict(dict)
@@ -75,6 +78,8 @@ class Hub:
             if frame is not None:
                 ch.conn.send_frame(frame)
                 count += 1
+                if self.on_delivered is not None:
+                    self.on_delivered(ch)
         return count
 
     # -- presence --------------------------------------------------------------------------

@@ -12,9 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from realtime import AsyncRealtimeChannel, AsyncRealtimeClient
 
 from devstack.settings import REPO_ROOT
+from tests.support.realtime import RealtimeServer
 
 JS_DIR = REPO_ROOT / "tests" / "js"
 Pred = Callable[[dict[str, Any]], bool]
@@ -142,6 +144,48 @@ class PyClient:
         await self.client.close()
 
 
+class Raw:
+    """A bare WebSocket speaking Phoenix frames (vsn 1.0.0 objects or 2.0.0 arrays)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, vsn: str) -> None:
+        self.ws = ws
+        self.vsn = vsn
+
+    async def send(self, topic: str, event: str, payload: Any, ref: str | None,
+                   join_ref: str | None = None) -> None:
+        if self.vsn == "1.0.0":
+            await self.ws.send_str(json.dumps(
+                {"topic": topic, "event": event, "payload": payload, "ref": ref,
+                 "join_ref": join_ref}))
+        else:
+            await self.ws.send_str(json.dumps([join_ref, ref, topic, event, payload]))
+
+    async def recv(self, wait_s: float = 5.0) -> Any:
+        msg = await self.ws.receive(wait_s)
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            return json.loads(msg.data)
+        if msg.type == aiohttp.WSMsgType.BINARY:
+            return msg.data
+        raise AssertionError(f"socket ended: {msg}")
+
+    async def recv_until(self, pred: Callable[[Any], bool], wait_s: float = 5.0) -> Any:
+        """The first frame matching `pred` (earlier frames are skipped)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching frame within {wait_s}s")
+            frame = await self.recv(left)
+            if pred(frame):
+                return frame
+
+
+async def connect(session: aiohttp.ClientSession, server: RealtimeServer, token: str,
+                  vsn: str = "1.0.0", path: str = "/realtime/v1/websocket") -> Raw:
+    url = f"ws://{server.host}:{server.port}{path}?apikey={token}&vsn={vsn}"
+    return Raw(await session.ws_connect(url), vsn)
+
+
 class JsClient:
     """`node tests/js/rt_client.mjs`: the pinned realtime-js, driven by JSON lines."""
 
@@ -215,4 +259,7 @@ def js_type(t: str, **fields: Any) -> Pred:
     return pred
 
 
-__all__ = ["JS_DIR", "Events", "JsClient", "Path", "Pred", "PyClient", "js_type", "kind"]
+__all__ = [
+    "JS_DIR", "Events", "JsClient", "Path", "Pred", "PyClient", "Raw", "connect", "js_type",
+    "kind",
+]

@@ -7,54 +7,24 @@ duplicate joins, leave, unmatched topics, binary broadcasts, token refusal and e
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import pytest
 
 from devstack import keys
 from tests.realtime.conftest import World
+from tests.realtime.helpers import connect
 from tests.support.realtime import RealtimeServer
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Raw:
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, vsn: str) -> None:
-        self.ws = ws
-        self.vsn = vsn
-
-    async def send(self, topic: str, event: str, payload: Any, ref: str | None,
-                   join_ref: str | None = None) -> None:
-        if self.vsn == "1.0.0":
-            await self.ws.send_str(json.dumps(
-                {"topic": topic, "event": event, "payload": payload, "ref": ref,
-                 "join_ref": join_ref}))
-        else:
-            await self.ws.send_str(json.dumps([join_ref, ref, topic, event, payload]))
-
-    async def recv(self, wait_s: float = 5.0) -> Any:
-        msg = await self.ws.receive(wait_s)
-        if msg.type == aiohttp.WSMsgType.TEXT:
-            return json.loads(msg.data)
-        if msg.type == aiohttp.WSMsgType.BINARY:
-            return msg.data
-        raise AssertionError(f"socket ended: {msg}")
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-async def connect(session: aiohttp.ClientSession, server: RealtimeServer, token: str,
-                  vsn: str = "1.0.0", path: str = "/realtime/v1/websocket") -> Raw:
-    url = f"ws://{server.host}:{server.port}{path}?apikey={token}&vsn={vsn}"
-    return Raw(await session.ws_connect(url), vsn)
 
 
 async def test_v1_heartbeat_and_join_shapes(
