@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rate-counter-tick-ms", type=int, default=5000,
         help="rate counter period; the limit applies to the average of 12 (Supabase: 5000)",
     )
+    p.add_argument(
+        "--private-only", action="store_true",
+        help="refuse joins of public channels, like a project with public access disabled",
+    )
     return p.parse_args(argv)
 
 
@@ -71,6 +75,7 @@ async def amain(args: argparse.Namespace) -> None:
         idle_timeout_s=args.idle_timeout_ms / 1000,
         max_events_per_second=args.max_events_per_second,
         rate_tick_s=args.rate_counter_tick_ms / 1000,
+        private_only=args.private_only,
     )
     await serve(server, args.host, args.port, stop)
 

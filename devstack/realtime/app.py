@@ -54,8 +54,12 @@ class Server:
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         max_events_per_second: float = MAX_EVENTS_PER_SECOND,
         rate_tick_s: float = TICK_S,
+        private_only: bool = False,
     ) -> None:
         self.database_url = database_url
+        #: A project with public channels disabled (hosted: Realtime settings, "Allow public
+        #: access" off): joins without `config.private` are refused.
+        self.private_only = private_only
         self.verifier = TokenVerifier(jwt_secret, opaque_keys)
         self.connect_error_backoff_s = connect_error_backoff_s
         self.channel_error_backoff_s = channel_error_backoff_s

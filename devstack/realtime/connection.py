@@ -227,6 +227,9 @@ class Connection:
         if not sub_topic:
             refuse("TopicNameRequired: You must provide a topic name")
             return
+        if self.server.private_only and not flexible_bool(config.get("private")):
+            refuse("PrivateOnly: This project only allows private channels")
+            return
         token = payload.get("access_token") or payload.get("user_token")
         if not isinstance(token, str) or token.startswith("sb_"):
             token = self.identity.token

@@ -29,6 +29,7 @@ from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
 from listener.realtime_link import CHANNEL, CHANNEL_OPTIONS, RealtimeLink
 from tests.listener.conftest import SMALL
+from tests.realtime.helpers import PyClient
 from tests.support.harness import insert_run, until
 from tests.support.realtime import RealtimeServer
 
@@ -163,3 +164,36 @@ async def test_the_policy_admits_the_listener_role_and_only_the_policy_does(
                 await db.execute(POLICY_SQL)
     finally:
         await db.close()
+
+
+async def test_the_listener_works_on_a_private_only_project(
+    db_url: str, dev_settings: DevSettings, db_name: str, org: SeededOrganization,
+):
+    """A Realtime server that refuses public joins (`--private-only`, like a hosted project
+    with public access disabled): a public join gets hosted's PrivateOnly refusal, the
+    listener's channel subscribes and wakes on an inserted run."""
+    service = keys.api_key("service_role", dev_settings.jwt_secret)
+    with RealtimeServer(dev_settings, db_name, extra_args=("--private-only",)) as rt:
+        public = PyClient(rt.url, service)
+        try:
+            assert await public.subscribe(public.channel(CHANNEL)) == "CHANNEL_ERROR"
+            assert "PrivateOnly: This project only allows private channels" in \
+                public.last_status["err"]
+        finally:
+            await public.close()
+        db = await asyncpg.connect(db_url)
+        try:
+            async with running(rt, service) as r:
+                await until(lambda: True if r.link.changes_flowing else None, 30,
+                            lambda: f"changes never flowed (state {r.link.state})")
+                run_id = await insert_run(
+                    db, user_id=org.planner.id, organization_id=org.id,
+                    allocation_run_id=org.allocation_run_id,
+                    n_job_lines=org.suggested_n_job_lines,
+                    constraints=list(org.suggested_constraints),
+                    options={"time_limit_seconds": 1},
+                )
+                await until(lambda: True if uuid.UUID(run_id) in r.hints else None, 20,
+                            lambda: f"no wake-up for {run_id}: hints {r.hints}")
+        finally:
+            await db.close()
