@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 import typer
 from loguru import logger
 
+from listener import doctor
 from listener import migrate as migrations
 from listener.ops import history_app, require_database_url, runs_app
 from solver.cli import register as register_solver
@@ -122,6 +123,9 @@ def migrate(
         raise typer.Exit(1) from None
     # Each file was logged as it was applied; this is the summary.
     typer.echo(f"{len(done)} migration(s) applied")
+
+
+app.command(name="doctor")(doctor.command)
 
 
 @app.command()
