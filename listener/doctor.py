@@ -212,6 +212,19 @@ def _period_s(schedule: str) -> float | None:
     return None
 
 
+async def _scheduled_age_s(conn: asyncpg.Connection) -> float | None:
+    """Seconds since the sweeper was last scheduled (planner_engine.settings), if recorded."""
+    if not await conn.fetchval(
+        "select exists (select from pg_attribute where attrelid ="
+        " to_regclass('planner_engine.settings') and attname = 'sweeper_scheduled_at')"
+    ):
+        return None
+    age: float | None = await conn.fetchval(
+        "select extract(epoch from now() - sweeper_scheduled_at)::float8"
+        " from planner_engine.settings")
+    return age
+
+
 async def check_sweeper(cron: asyncpg.Connection, conn: asyncpg.Connection) -> Check:
     """The job exists for this database, is active, and ran recently enough."""
     name = "sweeper"
@@ -229,10 +242,7 @@ async def check_sweeper(cron: asyncpg.Connection, conn: asyncpg.Connection) -> C
     if period is None:
         return passed(name, f"job {job['jobname']} scheduled ({job['schedule']!r}; its "
                             "period is not one this check knows, runs not checked)")
-    age = await conn.fetchval(
-        "select extract(epoch from now() - sweeper_scheduled_at)::float8"
-        " from planner_engine.settings") if await conn.fetchval(
-        "select to_regclass('planner_engine.settings') is not null") else None
+    age = await _scheduled_age_s(conn)
     last = await cron.fetchrow(
         "select status, return_message, extract(epoch from now() - start_time)::float8 as ago"
         " from cron.job_run_details where jobid = $1 order by start_time desc limit 1",
