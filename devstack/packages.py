@@ -25,8 +25,11 @@ DEBIAN_PACKAGES: dict[str, Path] = {
     "postgresql-15": Path("/usr/lib/postgresql/15/bin/postgres"),
     "postgresql-15-cron": Path("/usr/lib/postgresql/15/lib/pg_cron.so"),
     "postgresql-15-wal2json": Path("/usr/lib/postgresql/15/lib/wal2json.so"),
+    # Not part of the stack: the tests run it in front of the stack's PostgreSQL, in
+    # transaction mode, to check that `planner migrate` refuses such a pooler.
+    "pgbouncer": Path("/usr/sbin/pgbouncer"),
 }
-# Short names for status output.
+# Short names for status output (the stack's own packages).
 LABELS = {
     "postgresql-15": "postgresql",
     "postgresql-15-cron": "pg_cron",

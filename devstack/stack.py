@@ -34,12 +34,15 @@ SCAFFOLDING_SQL = Path(__file__).resolve().parent / "sql" / "supabase_scaffoldin
 async def prepare_database(dsn: str, settings: DevSettings) -> list[str]:
     """Supabase scaffolding, then migrations, then local-only login for the engine role.
 
-    Returns the names of migrations applied now. Safe to repeat.
+    Returns the names of migrations applied now. Safe to repeat. pg_cron runs only in the
+    stack's own database (cron.database_name); for any other database of the cluster (the
+    tests' template and scratch databases) the sweeper is scheduled from there, the explicit
+    `planner migrate --cron-database` setting.
     """
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(SCAFFOLDING_SQL.read_text())
-        done = await migrate.apply_all(conn)
+        done = await migrate.apply_all(conn, cron_dsn=settings.dsn(settings.database))
         exists = await conn.fetchval(
             "select true from pg_roles where rolname = $1", settings.engine_role
         )

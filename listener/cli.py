@@ -18,6 +18,7 @@ from importlib.metadata import entry_points
 import typer
 from loguru import logger
 
+from listener import doctor
 from listener import migrate as migrations
 from listener.ops import history_app, require_database_url, runs_app
 from solver.cli import register as register_solver
@@ -103,11 +104,17 @@ def migrate(
         None, "--database-url", envvar="DATABASE_URL",
         help="Target database (required: --database-url or $DATABASE_URL).",
     ),
+    cron_database: str = typer.Option(
+        None, "--cron-database", envvar="PLANNER_CRON_DATABASE",
+        help="Only for a database that cannot have pg_cron itself (another database of the "
+        "server runs it, e.g. test clones): schedule the sweeper from that database "
+        "(docs/database.md). Hosted Supabase never needs it.",
+    ),
 ) -> None:
     """Apply pending migrations to any database, a hosted Supabase project included."""
     dsn = require_database_url(database_url)
     try:
-        done = asyncio.run(migrations.migrate(dsn))
+        done = asyncio.run(migrations.migrate(dsn, cron_database=cron_database or None))
     except migrations.MigrationError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
@@ -116,6 +123,9 @@ def migrate(
         raise typer.Exit(1) from None
     # Each file was logged as it was applied; this is the summary.
     typer.echo(f"{len(done)} migration(s) applied")
+
+
+app.command(name="doctor")(doctor.command)
 
 
 @app.command()

@@ -4,9 +4,10 @@
 #      refuses `pip install` outside a virtualenv, PEP 668); python3-venv is installed first
 #      when it is missing and we are root;
 #   2. the project's virtualenv (.venv) from uv.lock;
-#   3. the Debian packages the local stack runs on (PostgreSQL 15, pg_cron, wal2json): missing
-#      ones are installed; with CI=true every one is upgraded to apt's newest candidate (the
-#      local stack is stopped first), so package drift breaks CI before it breaks a newcomer.
+#   3. the Debian packages the local stack runs on (PostgreSQL 15, pg_cron, wal2json; and
+#      PgBouncer for the pooler tests): missing ones are installed; with CI=true every one is
+#      upgraded to apt's newest candidate (the local stack is stopped first), so package
+#      drift breaks CI before it breaks a newcomer.
 # The npm packages only the conformance tests need are scripts/install-js.sh (make test).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -29,7 +29,11 @@ create table planner_engine.settings (
   id boolean primary key default true check (id),
   max_job_lines integer not null default 500 check (max_job_lines >= 1),
   max_runs_per_hour integer not null default 30 check (max_runs_per_hour >= 0),
-  max_attempts integer not null default 3 check (max_attempts between 1 and 20)
+  max_attempts integer not null default 3 check (max_attempts between 1 and 20),
+  -- When the sweeper's pg_cron job was last (re)scheduled, by the migration or by
+  -- `planner migrate --cron-database`: `planner doctor` expects a run within two periods
+  -- once one period has passed since then.
+  sweeper_scheduled_at timestamptz
 );
 insert into planner_engine.settings default values;
 comment on table planner_engine.settings is

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import subprocess
 import sys
+import tomllib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,8 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from devstack.settings import DevSettings
+from devstack.settings import REPO_ROOT, DevSettings
 from listener import migrate
+from listener.sqltext import split_statements, statements_match
 from tests.support.databases import drop_database
 
 
@@ -47,7 +52,9 @@ async def test_applies_in_order_and_records_like_supabase_cli(empty_db: str, tmp
             ("20260101000001", "first"),
             ("20260101000002", "second"),
         ]
-        assert rows[0]["statements"] == ["create table t (x int); insert into t values (1);"]
+        # The CLI's shape: one element per statement, trailing `;` and white space trimmed.
+        assert rows[0]["statements"] == ["create table t (x int)", "insert into t values (1)"]
+        assert rows[1]["statements"] == ["insert into t values (2)"]
         assert await conn.fetchval("select array_agg(x order by x) from t") == [1, 2]
     finally:
         await conn.close()
@@ -194,26 +201,226 @@ async def test_versions_from_another_checkout_are_refused(empty_db: str, tmp_pat
         await conn.close()
 
 
-async def test_cli_migrates_any_database(empty_db: str, tmp_path: Path):
+async def test_cli_migrates_any_database(empty_db: str, dev_settings: DevSettings):
     """`planner migrate --database-url` applies the project's migrations to a bare database
-    that has only what a hosted Supabase project has (the scaffolding)."""
+    that has only what a hosted Supabase project has (the scaffolding). pg_cron runs in the
+    stack's own database only, so the sweeper is scheduled from there (`--cron-database`)."""
+    await scaffold(empty_db)
+    planner = Path(sys.executable).with_name("planner")
+    args = [str(planner), "migrate", "--database-url", empty_db,
+            "--cron-database", dev_settings.database]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    n = len(migrate.discover())
+    assert f"{n} migration(s) applied" in res.stdout
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "0 migration(s) applied" in again.stdout
+
+
+# -- rows the Supabase CLI writes, and the CLI's view of this folder ------------------------
+
+#: A file with what the CLI's splitter has to get right: comments before statements, quoted
+#: and dollar-quoted semicolons, a BEGIN ATOMIC body, empty statements, no final `;`.
+TRICKY_SQL = """-- a header comment
+create table t (x int, note text default 'a;b');  /* block; comment */
+insert into t (x, note) values (1, 'it''s; fine');
+create function f() returns int language plpgsql as $body$
+begin
+  return 1;  -- not a cut
+end
+$body$;
+create function g() returns int language sql
+begin atomic
+  select 1;
+  select 2;
+end;
+;;
+select count(*) from t
+"""
+
+#: What the CLI records for TRICKY_SQL, worked out by hand from its tokenizer's rules
+#: (supabase/cli pkg/parser): each piece keeps the comments before it.
+TRICKY_STATEMENTS = [
+    "-- a header comment\ncreate table t (x int, note text default 'a;b')",
+    "/* block; comment */\ninsert into t (x, note) values (1, 'it''s; fine')",
+    "create function f() returns int language plpgsql as $body$\nbegin\n  return 1;  -- not a "
+    "cut\nend\n$body$",
+    "create function g() returns int language sql\nbegin atomic\n  select 1;\n  select 2;\nend",
+    "select count(*) from t",
+]
+
+
+def test_statements_are_split_as_the_supabase_cli_splits_them():
+    assert split_statements(TRICKY_SQL) == TRICKY_STATEMENTS
+    # The CLI's quirks: a `)` closes every parenthesis, a backslash hides the next character,
+    # a trailing comment is a statement of its own.
+    assert split_statements("select ((1); 2") == ["select ((1)", "2"]
+    assert split_statements("select \\; 1; -- end") == ["select \\; 1", "-- end"]
+    assert split_statements("  \n;\n") == []
+
+
+def test_normalised_text_ignores_comments_white_space_and_semicolons_only():
+    assert statements_match(TRICKY_STATEMENTS, TRICKY_SQL)
+    assert statements_match([TRICKY_SQL], TRICKY_SQL)  # the shape older runs wrote
+    spaced = ["  create table t (x int,\n\tnote text default 'a;b') -- why",
+              "insert into t (x, note) values (1, 'it''s; fine');;", *TRICKY_STATEMENTS[2:]]
+    assert statements_match(spaced, TRICKY_SQL)
+    # Changes inside quotes or to the code are changes.
+    assert not statements_match(TRICKY_STATEMENTS, TRICKY_SQL.replace("'a;b'", "'a; b'"))
+    assert not statements_match(TRICKY_STATEMENTS, TRICKY_SQL.replace("return 1;", "return 2;"))
+    assert not statements_match(TRICKY_STATEMENTS, TRICKY_SQL.replace("x int", "x bigint"))
+    assert not statements_match(TRICKY_STATEMENTS[:-1], TRICKY_SQL)
+
+
+async def rewrite_statements(dsn: str, version: str, statements: list[str]) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("update supabase_migrations.schema_migrations set statements = $2"
+                           " where version = $1", version, statements)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("shape", ["cli", "one_element", "cli_reformatted"])
+async def test_rows_of_the_cli_and_of_older_runs_are_recognised(
+    empty_db: str, tmp_path: Path, shape: str
+):
+    """A row as `supabase db push` writes it (split statements), as older versions of this
+    runner wrote it (the whole file as one element), or split with other white space and
+    comments, all count as the applied file; an edit of the file is still refused."""
+    f = write(tmp_path, "20260101000001_tricky.sql", TRICKY_SQL)
+    assert [m.name for m in await migrate.migrate(empty_db, tmp_path)] == ["tricky"]
+    rows = {
+        "cli": TRICKY_STATEMENTS,
+        "one_element": [TRICKY_SQL],
+        # Other comments and white space outside quoted text (dollar-quoted bodies are kept
+        # exactly: an edit there is a change).
+        "cli_reformatted": [
+            "create   table t (x int,\n note text default 'a;b')  ",
+            " ".join(TRICKY_STATEMENTS[1].split()),
+            TRICKY_STATEMENTS[2],
+            "/* reformatted */ " + " ".join(TRICKY_STATEMENTS[3].split()),
+            TRICKY_STATEMENTS[4] + ";",
+        ],
+    }
+    await rewrite_statements(empty_db, "20260101000001", rows[shape])
+    write(tmp_path, "20260101000002_next.sql", "create table u (y int);")
+    assert [m.name for m in await migrate.migrate(empty_db, tmp_path)] == ["next"]
+    f.write_text(TRICKY_SQL.replace("return 1;", "return 2;"))
+    with pytest.raises(migrate.MigrationError, match="changed after it was applied"):
+        await migrate.migrate(empty_db, tmp_path)
+
+
+async def test_project_migrations_are_recorded_as_the_cli_records_them(
+    dev_settings: DevSettings, db_name: str
+):
+    conn = await asyncpg.connect(dev_settings.dsn(db_name))
+    try:
+        rows = {r["version"]: (r["name"], r["statements"]) for r in await conn.fetch(
+            "select version, name, statements from supabase_migrations.schema_migrations")}
+    finally:
+        await conn.close()
+    for mig in migrate.discover():
+        assert rows[mig.version] == (mig.name, split_statements(mig.sql))
+
+
+# The Supabase CLI's rule for a migration file (pkg/migration/file.go, list.go): a regular file
+# directly in supabase/migrations named `<digits>_<name>.sql`; folders are skipped.
+_CLI_MIGRATION_NAME = re.compile(r"^([0-9]+)_(.*)\.sql$")
+
+
+def test_supabase_cli_layout_reads_exactly_our_migrations():
+    """supabase/config.toml is valid for the CLI (the fields its Validate requires), and
+    supabase/migrations is a link to migrations/, in which the CLI sees the same files as
+    `planner migrate` (migrations/schema/ is a folder, which it skips)."""
+    config = tomllib.loads((REPO_ROOT / "supabase" / "config.toml").read_text())
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", config["project_id"])
+    assert config["db"]["major_version"] in (15, 17)
+    link = REPO_ROOT / "supabase" / "migrations"
+    assert link.is_symlink() and os.readlink(link) == "../migrations"
+    assert link.resolve() == (REPO_ROOT / "migrations").resolve()
+    cli_sees = sorted(p.name for p in link.iterdir()
+                      if not p.is_dir() and _CLI_MIGRATION_NAME.match(p.name))
+    skipped = sorted(p.name for p in link.iterdir()
+                     if not p.is_dir() and not _CLI_MIGRATION_NAME.match(p.name))
+    assert cli_sees == [m.path.name for m in migrate.discover()] and not skipped
+    assert (link / "schema").is_dir()
+
+
+# -- pg_cron is required ----------------------------------------------------------------------
+
+async def scaffold(dsn: str) -> None:
+    """What a hosted project has before our migrations (the local scaffolding)."""
     from devstack.stack import SCAFFOLDING_SQL
 
-    conn = await asyncpg.connect(empty_db)
+    conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(SCAFFOLDING_SQL.read_text())
     finally:
         await conn.close()
+
+
+async def test_migrate_refuses_a_database_that_cannot_have_pg_cron(
+    empty_db: str, dev_settings: DevSettings
+):
+    """A database of a server whose pg_cron runs in another database: one line naming the
+    explicit setting, and the pg_cron migration is not recorded."""
+    await scaffold(empty_db)
     planner = Path(sys.executable).with_name("planner")
-    res = subprocess.run(
-        [str(planner), "migrate", "--database-url", empty_db],
-        capture_output=True, text=True, timeout=120,
-    )
+    env = {k: v for k, v in os.environ.items() if k != "PLANNER_CRON_DATABASE"}
+    res = subprocess.run([str(planner), "migrate", "--database-url", empty_db],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    line = one_error_line(res.stderr)
+    assert "pg_cron runs only in database" in line
+    assert f"--cron-database {dev_settings.database}" in line
+    conn = await asyncpg.connect(empty_db)
+    try:
+        versions = await conn.fetch("select version from supabase_migrations.schema_migrations")
+        assert "20261202000200" not in {r[0] for r in versions}
+    finally:
+        await conn.close()
+
+
+async def test_cron_database_setting_schedules_the_sweeper_there_and_it_runs(
+    empty_db: str, dev_settings: DevSettings
+):
+    """With --cron-database the sweeper is scheduled from the stack's database for this one,
+    and pg_cron really runs it there (the schedule is per minute: this waits up to ~70 s).
+    Dropping the database (tests/support/databases.drop_database) removes the job."""
+    await scaffold(empty_db)
+    name = empty_db.rsplit("/", 1)[1]
+    planner = Path(sys.executable).with_name("planner")
+    res = subprocess.run([str(planner), "migrate", "--database-url", empty_db,
+                          "--cron-database", dev_settings.database],
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    n = len(migrate.discover())
-    assert f"{n} migration(s) applied" in res.stdout
-    again = subprocess.run(
-        [str(planner), "migrate", "--database-url", empty_db],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert again.returncode == 0 and "0 migration(s) applied" in again.stdout
+    cron = await asyncpg.connect(dev_settings.dsn())
+    try:
+        job = await cron.fetchrow("select jobid, jobname, command, database from cron.job"
+                                  " where database = $1", name)
+        assert job is not None
+        assert job["jobname"] == f"{migrate.SWEEPER_JOB}@{name}"
+        assert job["command"] == migrate.SWEEPER_COMMAND
+        ran = None
+        for _ in range(150):
+            ran = await cron.fetchrow("select status, return_message from cron.job_run_details"
+                                      " where jobid = $1 order by runid desc limit 1",
+                                      job["jobid"])
+            if ran is not None and ran["status"] in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.5)
+        assert ran is not None, "pg_cron did not run the sweeper within 75 s"
+        assert ran["status"] == "succeeded", ran["return_message"]
+        # Again: the same job, replaced, not a second one.
+        again = subprocess.run([str(planner), "migrate", "--database-url", empty_db,
+                                "--cron-database", dev_settings.database],
+                               capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr
+        assert await cron.fetchval("select count(*) from cron.job where database = $1",
+                                   name) == 1
+        await drop_database(dev_settings, name)
+        assert await cron.fetchval("select count(*) from cron.job where database = $1",
+                                   name) == 0
+    finally:
+        await cron.close()

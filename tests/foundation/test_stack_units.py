@@ -44,6 +44,13 @@ postgresql-15-wal2json:
  *** 2.5-1+b1 500
         500 http://deb.debian.org/debian bookworm/main amd64 Packages
         100 /var/lib/dpkg/status
+pgbouncer:
+  Installed: 1.18.0-1+deb12u1
+  Candidate: 1.18.0-1+deb12u1
+  Version table:
+ *** 1.18.0-1+deb12u1 500
+        500 http://deb.debian.org/debian bookworm/main amd64 Packages
+        100 /var/lib/dpkg/status
 """
 
 
@@ -54,6 +61,7 @@ def test_apt_policy_is_parsed_per_package():
         "postgresql-15-cron": PackageState("postgresql-15-cron", None, "1.4.2-2+b1"),
         "postgresql-15-wal2json": PackageState("postgresql-15-wal2json", "2.5-1+b1",
                                                "2.5-1+b1"),
+        "pgbouncer": PackageState("pgbouncer", "1.18.0-1+deb12u1", "1.18.0-1+deb12u1"),
     }
 
 

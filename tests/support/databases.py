@@ -18,7 +18,7 @@ import asyncpg
 
 from devstack.settings import DevSettings
 from devstack.stack import SCAFFOLDING_SQL, prepare_database
-from listener.migrate import MIGRATIONS_DIR
+from listener.migrate import CRON_DATABASE_GUC, MIGRATIONS_DIR
 
 _TEMPLATE_LOCK = 0x7465_6D70_6C61
 #: The current definition of every object, one file per area, applied in name order.
@@ -49,6 +49,8 @@ async def ensure_template(settings: DevSettings) -> str:
                     await admin.execute(f'drop database if exists "{name}_build" with (force)')
                     raise
                 await admin.execute(f'alter database "{name}_build" rename to "{name}"')
+                # Its sweeper job was scheduled for the build name; clones get none.
+                await unschedule_sweepers(admin, f"{name}_build")
                 await admin.execute(f'alter database "{name}" is_template true')
                 # Older templates are left from earlier schema versions; drop the idle ones.
                 stale = await admin.fetch(
@@ -85,6 +87,10 @@ async def create_from_schema_files(settings: DevSettings, prefix: str = "s") -> 
     conn = await asyncpg.connect(settings.dsn(name))
     try:
         await conn.execute(SCAFFOLDING_SQL.read_text())
+        # pg_cron runs only in the stack's database: the schema files leave the sweeper to it,
+        # as `planner migrate --cron-database` does (40_access.sql).
+        await conn.execute("select set_config($1, $2, false)", CRON_DATABASE_GUC,
+                           settings.database)
         for path in schema_files():
             async with conn.transaction():
                 await conn.execute(path.read_text(encoding="utf-8"))
@@ -106,9 +112,19 @@ async def create_clone(settings: DevSettings, template: str, prefix: str = "t") 
     return name
 
 
+async def unschedule_sweepers(admin: asyncpg.Connection, name: str) -> None:
+    """Remove the pg_cron jobs scheduled from the stack's database (`admin`'s) for database
+    `name`, and those of databases that no longer exist (left by an interrupted run), so
+    scratch databases' sweepers do not pile up in the cron database."""
+    await admin.execute(
+        "select cron.unschedule(jobid) from cron.job j where j.database = $1"
+        " or not exists (select from pg_database d where d.datname = j.database)", name)
+
+
 async def drop_database(settings: DevSettings, name: str) -> None:
     admin = await asyncpg.connect(settings.dsn())
     try:
+        await unschedule_sweepers(admin, name)
         await admin.execute(f'drop database if exists "{name}" with (force)')
     finally:
         await admin.close()
