@@ -41,3 +41,12 @@ def user_token(
     if email:
         claims["email"] = email
     return sign(claims, secret)
+
+
+# Supabase's opaque API keys (`sb_publishable_…` acts as `anon`, `sb_secret_…` as
+# `service_role`). Hosted projects generate random ones; the Supabase CLI's local stack uses
+# these fixed values, and so does ours, so snippets written for `supabase start` work
+# unchanged. The local Realtime server accepts exactly these (flags `--publishable-key` and
+# `--secret-key`); the listener and `planner dev env` read the same constants.
+LOCAL_PUBLISHABLE_KEY = "sb_publishable_ACJWlzQHlZjBrEguHvfOxg_3BJgxAaH"
+LOCAL_SECRET_KEY = "sb_secret_N7UND0UgjKTVK-Uodkm0Hg_xSvEMPvz"

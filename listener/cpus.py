@@ -51,9 +51,10 @@ def _v1_quota(quota_text: str | None, period_text: str | None) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> float | None:
+def cgroup_cpu_limit(root: Path | None = None, self_cgroup: Path | None = None) -> float | None:
     """The tightest CPU quota on this process's cgroups, in CPUs, or None when unlimited."""
-    membership = _read(self_cgroup) or ""
+    root = root or CGROUP_ROOT
+    membership = _read(self_cgroup or SELF_CGROUP) or ""
     limits: list[float] = []
     for line in membership.splitlines():
         hierarchy, _, rest = line.partition(":")
@@ -78,7 +79,7 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) 
     return min(limits) if limits else None
 
 
-def usable_cpus(root: Path = CGROUP_ROOT, self_cgroup: Path = SELF_CGROUP) -> int:
+def usable_cpus(root: Path | None = None, self_cgroup: Path | None = None) -> int:
     """CPUs this process can keep busy: affinity, then the cgroup quota, at least 1."""
     try:
         count = len(os.sched_getaffinity(0))
