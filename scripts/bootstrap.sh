@@ -6,7 +6,8 @@
 #   2. the project's virtualenv (.venv) from uv.lock;
 #   3. the Debian packages the local stack runs on (PostgreSQL 15, pg_cron, wal2json): missing
 #      ones are installed; with CI=true every one is upgraded to apt's newest candidate (the
-#      local stack is stopped first), so package drift breaks CI before it breaks a newcomer.
+#      local stack is stopped first), so package drift breaks CI before it breaks a newcomer;
+#      and pgbouncer, which the pooler tests run (installed when missing).
 # The npm packages only the conformance tests need are scripts/install-js.sh (make test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,4 +62,13 @@ if [ "${CI:-}" = true ]; then
   .venv/bin/planner dev packages --upgrade
 else
   .venv/bin/planner dev packages
+fi
+
+# PgBouncer: tests/listener/test_pooler.py runs a listener through it in transaction mode, as
+# through a hosted project's transaction pooler (port 6543). Only the binary is used: each test
+# starts its own pgbouncer as an unprivileged user on a free port.
+if [ ! -x /usr/sbin/pgbouncer ]; then
+  is_root || die "pgbouncer is missing; install it with: sudo apt-get install -y pgbouncer"
+  say "installing pgbouncer from Debian (the pooler tests)"
+  apt_install pgbouncer
 fi
