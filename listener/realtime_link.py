@@ -4,6 +4,12 @@ Events are hints only. Realtime is at-most-once (changes during a disconnect are
 replayed), so every (re)subscription triggers a catch-up scan, and the official Python client
 gives up after `max_retries` failed reconnects, so this supervisor recreates it, with jittered
 back-off (`listener.backoff`), for as long as the listener runs.
+
+Keys of both kinds work unchanged here: the client puts the key in the socket's `apikey` query
+parameter and in each join's `access_token`. For an `sb_secret_` key hosted Realtime takes the
+connection's token (the gateway turns the `apikey` into a JWT) and ignores an `access_token` that
+starts with `sb_` (supabase/realtime, `RealtimeChannel.assign_access_token`), so the channel
+acts as service_role just as with the legacy JWT.
 """
 
 from __future__ import annotations
