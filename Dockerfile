@@ -8,7 +8,8 @@
 
 # -- build: the engine's wheel, installed into /opt/planner at uv.lock's versions ---------------
 FROM python:3.11-slim-bookworm AS build
-COPY --from=ghcr.io/astral-sh/uv:0.13.9 /uv /usr/local/bin/uv
+# uv from PyPI, at the version scripts/bootstrap.sh pins.
+RUN pip install --no-cache-dir uv==0.13.9
 ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=never
 WORKDIR /src
 # What uv needs to build the engine and read the lock (the workspace member's pyproject only).

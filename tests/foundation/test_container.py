@@ -62,6 +62,8 @@ def test_dockerfile_is_what_this_test_runs():
     assert len(stages) == 2 and stages[0].endswith(" AS build"), stages
     runs = [args for word, args in steps if word == "RUN"]
     assert any("scripts/build-venv.sh /opt/planner" in r for r in runs), runs
+    pinned = re.search(r"^UV_VERSION=(\S+)$", (REPO / "scripts/bootstrap.sh").read_text(), re.M)
+    assert pinned and any(f"uv=={pinned.group(1)}" in r for r in runs), "the uv of bootstrap"
     user = [args for word, args in steps if word == "USER"]
     assert user and user[-1] not in ("root", "0"), user
     final = steps[[w for w, _ in steps].index("FROM", 1):]
