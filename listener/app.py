@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import uuid
 from datetime import datetime
@@ -246,8 +247,10 @@ class Listener:
         """Everything that must hold before the listener may claim a run: the key is of the
         service-role kind, the database answers, and the self-check passes. Raises
         ConfigurationError with one line naming the variable and the fix."""
-        problem = key_problem(self.s.service_role_key.get_secret_value(),
-                              "SUPABASE_SECRET_KEY (or SUPABASE_SERVICE_ROLE_KEY)")
+        # Name the variable the key came from (SUPABASE_SECRET_KEY wins when both are set).
+        variable = ("SUPABASE_SECRET_KEY" if os.environ.get("SUPABASE_SECRET_KEY")
+                    else "SUPABASE_SERVICE_ROLE_KEY")
+        problem = key_problem(self.s.service_role_key.get_secret_value(), variable)
         if problem:
             raise ConfigurationError(problem)
         db = await self._connect()

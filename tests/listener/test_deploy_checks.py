@@ -145,8 +145,8 @@ def test_a_key_of_the_wrong_kind_is_refused_at_start(
 ):
     """Issue 15: the anon key used to pass as healthy while every broadcast was dropped."""
     value = keys.api_key("anon", dev_settings.jwt_secret) if key == "anon" else key
-    line = assert_one_line(*run_planner({**env, variable: value}, "listen"), expected,
-                           "sb_secret_", "service_role")
+    line = assert_one_line(*run_planner({**env, variable: value}, "listen"),
+                           f"error: {variable} holds", expected, "sb_secret_", "service_role")
     assert value not in line
 
 
