@@ -183,3 +183,19 @@ def test_sb_keys_go_in_the_apikey_header_only():
     assert apikeys.rest_headers("sb_secret_x") == {"apikey": "sb_secret_x"}
     legacy = jwt_with({"role": "service_role"})
     assert apikeys.rest_headers(legacy) == {"apikey": legacy, "Authorization": f"Bearer {legacy}"}
+
+
+def test_every_deploy_guide_link_in_messages_has_its_section():
+    """Error lines point operators at docs/deploy.md#<section>: each section must exist."""
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    headings = re.findall(r"^#+ (.+)$", (repo / "docs/deploy.md").read_text(), re.M)
+    anchors = {re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-") for h in headings}
+    cited: set[str] = set()
+    for path in [*(repo / "listener").glob("*.py"), repo / "README.md"]:
+        cited |= set(re.findall(r"deploy\.md#([\w\-]+)", path.read_text()))
+    # The guide's own table of contents and cross-references.
+    cited |= set(re.findall(r"\]\(#([\w\-]+)\)", (repo / "docs/deploy.md").read_text()))
+    assert cited, "no links found"
+    assert cited <= anchors, cited - anchors
