@@ -199,3 +199,18 @@ def test_every_deploy_guide_link_in_messages_has_its_section():
     cited |= set(re.findall(r"\]\(#([\w\-]+)\)", (repo / "docs/deploy.md").read_text()))
     assert cited, "no links found"
     assert cited <= anchors, cited - anchors
+
+
+def test_dev_env_holds_keys_of_both_kinds():
+    """`planner dev env` prints both generations: each of the service-role kind passes the
+    listener's start-up check, each of the anon kind is refused by it."""
+    from devstack import stack
+    from devstack.settings import DevSettings
+
+    env = stack.env(DevSettings())
+    assert env["SUPABASE_SECRET_KEY"].startswith("sb_secret_")
+    assert env["SUPABASE_PUBLISHABLE_KEY"].startswith("sb_publishable_")
+    for name in ("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY"):
+        assert apikeys.key_problem(env[name], name) is None, name
+    for name in ("SUPABASE_PUBLISHABLE_KEY", "SUPABASE_ANON_KEY"):
+        assert apikeys.key_problem(env[name], name) is not None, name
