@@ -35,10 +35,12 @@ status: bootstrap
 demo: up
 	@$(PLANNER) demo
 
-# Ruff, then the import contracts of pyproject.toml: the engine never imports devstack.
+# Ruff, then the import contracts of pyproject.toml (the engine never imports devstack), then
+# hadolint on the container image's Dockerfile.
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-logo
+	$(VENV)/bin/hadolint Dockerfile
 
 typecheck: bootstrap
 	$(VENV)/bin/mypy

@@ -26,7 +26,8 @@ DEBIAN_PACKAGES: dict[str, Path] = {
     "postgresql-15-cron": Path("/usr/lib/postgresql/15/lib/pg_cron.so"),
     "postgresql-15-wal2json": Path("/usr/lib/postgresql/15/lib/wal2json.so"),
     # Not part of the stack: the tests run it in front of the stack's PostgreSQL, in
-    # transaction mode, to check that `planner migrate` refuses such a pooler.
+    # transaction mode, as a hosted project's transaction pooler (port 6543): `planner
+    # migrate` must refuse it, a listener must solve through it (tests/listener/test_pooler.py).
     "pgbouncer": Path("/usr/sbin/pgbouncer"),
 }
 # Short names for status output (the stack's own packages).

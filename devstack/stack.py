@@ -301,4 +301,9 @@ def env(settings: DevSettings | None = None) -> dict[str, str]:
         "SUPABASE_ANON_KEY": keys.api_key("anon", s.jwt_secret),
         "SUPABASE_SERVICE_ROLE_KEY": keys.api_key("service_role", s.jwt_secret),
         "SUPABASE_JWT_SECRET": s.jwt_secret,
+        # The new kind of key (hosted projects have both kinds): the listener takes
+        # SUPABASE_SECRET_KEY in place of SUPABASE_SERVICE_ROLE_KEY, and prefers it when both
+        # are set.
+        "SUPABASE_PUBLISHABLE_KEY": keys.LOCAL_PUBLISHABLE_KEY,
+        "SUPABASE_SECRET_KEY": keys.LOCAL_SECRET_KEY,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import uuid
 from datetime import datetime
@@ -21,10 +22,18 @@ from typing import Any
 from aiohttp import web
 from loguru import logger
 
-from listener import health, metrics
+from listener import health, metrics, selfcheck
+from listener.apikeys import key_problem
 from listener.backoff import Backoff
 from listener.broadcast import Broadcaster
 from listener.db import EngineDB
+from listener.errors import (
+    CONNECT_ERRORS,
+    ConfigurationError,
+    describe_bind_error,
+    describe_connect_error,
+    where,
+)
 from listener.events import Phase, RunStatus, StatusEvent
 from listener.executor import RunExecutor
 from listener.logs import RunLogSink
@@ -50,6 +59,9 @@ class Listener:
         self._tasks: set[asyncio.Task[bool]] = set()  # fire-and-forget broadcasts
         self._resync_timer: asyncio.TimerHandle | None = None
         self._announce_timer: asyncio.TimerHandle | None = None
+        #: set while the last self-check passed; cleared, claims pause and /readyz is 503.
+        self.checks_ok = asyncio.Event()
+        self.check_problems: list[str] = []
 
     # -- hints ------------------------------------------------------------------------------
     def hint(self, run_id: uuid.UUID, created_at: datetime) -> None:
@@ -113,10 +125,53 @@ class Listener:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync.wait(), timeout=self.s.reconcile_interval_s)
 
+    async def _self_check_loop(self, expected: str | None) -> None:
+        """Repeat the start-up self-check: a role that lost a grant, or a database rolled
+        back below this release's migrations, pauses claiming until it passes again."""
+        assert self.db is not None
+        while not self.draining.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.draining.wait(),
+                                       timeout=self.s.self_check_interval_s)
+            if self.draining.is_set():
+                return
+            try:
+                result = await selfcheck.check(self.db, expected)
+            except Exception as exc:  # the database is away: /readyz says so through ping
+                logger.warning("self-check could not run: {}", exc)
+                continue
+            self._apply_checks(result)
+
+    def _apply_checks(self, result: selfcheck.CheckResult) -> None:
+        if result.ok:
+            if not self.checks_ok.is_set() and self.check_problems:
+                logger.info("self-check passes again: claiming resumes")
+            self.check_problems = []
+            self.checks_ok.set()
+            return
+        if result.errors != self.check_problems:
+            for line in result.errors:
+                logger.error("self-check failed, no new runs will be claimed: {}", line)
+        self.check_problems = result.errors
+        self.checks_ok.clear()
+
+    async def _wait_checks_ok(self) -> bool:
+        """Wait until the self-check passes (True) or the listener drains (False)."""
+        if self.checks_ok.is_set():
+            return True
+        ok = asyncio.create_task(self.checks_ok.wait())
+        drain = asyncio.create_task(self.draining.wait())
+        await asyncio.wait({ok, drain}, return_when=asyncio.FIRST_COMPLETED)
+        ok.cancel()
+        drain.cancel()
+        return self.checks_ok.is_set() and not self.draining.is_set()
+
     async def _work_loop(self, executor: RunExecutor) -> None:
         assert self.db is not None
         claim_retry = Backoff(1.0, 10.0)  # jittered: replicas that lost the database spread out
         while not self.draining.is_set():
+            if not await self._wait_checks_ok():
+                break
             getter = asyncio.create_task(self.queue.get())
             drain = asyncio.create_task(self.draining.wait())
             await asyncio.wait({getter, drain}, return_when=asyncio.FIRST_COMPLETED)
@@ -159,6 +214,11 @@ class Listener:
             # "Subscribed to PostgreSQL" (before that, inserts produce no event at all).
             "realtime": bool(self.link and self.link.subscribed and self.link.changes_flowing),
             "realtime_state": self.link.state if self.link else "starting",
+            # The engine role can do its work (planner_engine.self_check); while not, no claims.
+            "self_check": self.checks_ok.is_set(),
+            "self_check_problems": self.check_problems,
+            # The key was accepted for broadcasts (False after a 401/403 until one succeeds).
+            "broadcast": self.bc is not None and self.bc.auth_failure is None,
             "queue_depth": len(self.queue),
             "current_run": str(self.current_run) if self.current_run else None,
             "draining": self.draining.is_set(),
@@ -172,11 +232,61 @@ class Listener:
             logger.info("{} received: no new runs will be claimed", signame)
             self.draining.set()
 
+    async def _connect(self) -> EngineDB:
+        """The engine's pool, or a ConfigurationError naming the variable to fix."""
+        dsn = self.s.database_url.get_secret_value()
+        try:
+            return await EngineDB.connect(dsn, transaction_pooler=self.s.transaction_pooler)
+        except CONNECT_ERRORS as exc:
+            line = describe_connect_error(exc, dsn, "PLANNER_DATABASE_URL")
+            if line is None:
+                raise
+            raise ConfigurationError(line) from None
+
+    async def start_checks(self) -> tuple[EngineDB, str | None]:
+        """Everything that must hold before the listener may claim a run: the key is of the
+        service-role kind, the database answers, and the self-check passes. Raises
+        ConfigurationError with one line naming the variable and the fix."""
+        # Name the variable the key came from (SUPABASE_SECRET_KEY wins when both are set).
+        variable = ("SUPABASE_SECRET_KEY" if os.environ.get("SUPABASE_SECRET_KEY")
+                    else "SUPABASE_SERVICE_ROLE_KEY")
+        problem = key_problem(self.s.service_role_key.get_secret_value(), variable)
+        if problem:
+            raise ConfigurationError(problem)
+        db = await self._connect()
+        expected = selfcheck.expected_version()
+        try:
+            result = await selfcheck.check(db, expected)
+        except BaseException:
+            await db.close()
+            raise
+        for line in result.warnings:
+            logger.warning("{}", line)
+        if not result.ok:
+            await db.close()
+            raise ConfigurationError(result.errors[0])
+        self._apply_checks(result)
+        return db, expected
+
+    async def _serve_health(self) -> web.AppRunner | None:
+        if not self.s.health_port:
+            return None
+        try:
+            return await health.serve(self.readiness, self.s.health_host, self.s.health_port)
+        except OSError as exc:
+            raise ConfigurationError(
+                describe_bind_error(exc, self.s.health_host, self.s.health_port)) from None
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self.db, expected = await self.start_checks()
+        try:
+            runner = await self._serve_health()
+        except ConfigurationError:
+            await self.db.close()
+            raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, sig.name)
-        self.db = await EngineDB.connect(self.s.database_url.get_secret_value())
         self.bc = Broadcaster(self.s.supabase_url, self.s.service_role_key.get_secret_value())
         self.link = RealtimeLink(
             self.s.supabase_url, self.s.service_role_key.get_secret_value(),
@@ -184,19 +294,20 @@ class Listener:
             stale_after_s=self.s.realtime_stale_after_s,
         )
         self.log_sink.install(self.s.log_level)
-        runner: web.AppRunner | None = None
-        if self.s.health_port:
-            runner = await health.serve(self.readiness, self.s.health_host, self.s.health_port)
         logger.info(
-            "listener {} started (heartbeat {}s, catch-up {}s, solver {} worker(s), {} MiB)",
+            "listener {} started (heartbeat {}s, catch-up {}s, solver {} worker(s), {} MiB, "
+            "database {}{})",
             self.s.worker_id, self.s.heartbeat_interval_s, self.s.reconcile_interval_s,
             self.s.solver_workers, self.s.solver_memory_mb,
+            where(self.s.database_url.get_secret_value()),
+            " through a transaction pooler" if self.s.transaction_pooler else "",
         )
         executor = RunExecutor(self.db, self.bc, ChildProcessSolver(self.s), self.s)
         background = [
             asyncio.create_task(self.link.run(self.stopped), name="realtime"),
             asyncio.create_task(self._catch_up_loop(), name="catch-up"),
             asyncio.create_task(self.log_sink.run(self.db, self.stopped), name="run-logs"),
+            asyncio.create_task(self._self_check_loop(expected), name="self-check"),
         ]
         worker = asyncio.create_task(self._work_loop(executor), name="worker")
         try:

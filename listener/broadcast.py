@@ -1,6 +1,8 @@
 """Progress for the manager's UI, as Realtime broadcasts on the private topic `planner_run:<id>`.
 
-Sent through Realtime's REST broadcast endpoint with the service-role key: no channel join per
+Sent through Realtime's REST broadcast endpoint with the service-role key (a secret `sb_secret_`
+key goes in the `apikey` header only, a legacy JWT also as the bearer: listener.apikeys): no
+channel join per
 run, the same call works against hosted Supabase, and a Realtime outage costs progress events
 only (the run row, which the UI also watches, stays the truth). Progress is throttled to at
 most one event per `interval` with the latest figures, so a solver finding hundreds of
@@ -19,6 +21,7 @@ import httpx
 from loguru import logger
 
 from listener import metrics
+from listener.apikeys import rest_headers
 from listener.events import ProgressEvent, UiEvent
 from listener.ports import EventSink
 
@@ -32,12 +35,11 @@ class Broadcaster:
         self._url = f"{supabase_url}/realtime/v1/api/broadcast"
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(3.0),
-            headers={
-                "apikey": service_role_key,
-                "Authorization": f"Bearer {service_role_key}",
-                "Content-Type": "application/json",
-            },
+            headers={**rest_headers(service_role_key), "Content-Type": "application/json"},
         )
+        #: Why the server refused the key (401/403) on the latest broadcast, else None: a
+        #: refused key drops every progress event silently, so /readyz reports it.
+        self.auth_failure: str | None = None
 
     async def close(self) -> None:
         await self._client.aclose()
@@ -51,6 +53,8 @@ class Broadcaster:
         }
         try:
             resp = await self._client.post(self._url, json=body)
+            if resp.status_code in (401, 403):
+                self.auth_failure = f"status {resp.status_code}: {resp.text[:200]}"
             if resp.status_code >= 300:
                 raise httpx.HTTPStatusError(
                     f"status {resp.status_code}", request=resp.request, response=resp
@@ -59,6 +63,7 @@ class Broadcaster:
             metrics.BROADCAST_FAILURES.inc()
             logger.warning("broadcast {} for run {} failed: {}", event, run_id, exc)
             return False
+        self.auth_failure = None
         metrics.BROADCASTS.labels(event=event).inc()
         return True
 

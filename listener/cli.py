@@ -20,7 +20,8 @@ from loguru import logger
 
 from listener import doctor
 from listener import migrate as migrations
-from listener.ops import history_app, require_database_url, runs_app
+from listener.errors import CONNECT_ERRORS, ConfigurationError, describe_connect_error
+from listener.ops import DATABASE_URL_SOURCE, history_app, require_database_url, runs_app
 from solver.cli import register as register_solver
 
 PLUGIN_GROUP = "planner.commands"
@@ -118,8 +119,11 @@ def migrate(
     except migrations.MigrationError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
-    except (OSError, ConnectionError) as exc:
-        typer.secho(f"error: cannot reach the database: {exc}", fg=typer.colors.RED, err=True)
+    except CONNECT_ERRORS as exc:
+        line = describe_connect_error(exc, dsn, DATABASE_URL_SOURCE)
+        if line is None:
+            raise
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     # Each file was logged as it was applied; this is the summary.
     typer.echo(f"{len(done)} migration(s) applied")
@@ -135,19 +139,21 @@ def listen() -> None:
 
     from listener.app import Listener
     from listener.logs import configure_stdout
-    from listener.settings import ListenerSettings
+    from listener.settings import ListenerSettings, summarise_errors
 
     try:
         settings = ListenerSettings()  # type: ignore[call-arg]  # read from the environment
     except ValidationError as exc:
-        typer.secho("error: invalid listener configuration:", fg=typer.colors.RED, err=True)
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "settings"
-            typer.secho(f"  {name}: {err['msg']}", err=True)
-        typer.secho("see README.md#configuration", err=True)
+        typer.secho(f"error: invalid listener configuration: {summarise_errors(exc)} "
+                    "(README.md#configuration)", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     configure_stdout(settings.log_level, settings.log_format)
-    raise typer.Exit(asyncio.run(Listener(settings).run()))
+    try:
+        code = asyncio.run(Listener(settings).run())
+    except ConfigurationError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
 
 
 # Last, so that the engine's own commands are in place before any plugin sees the app.

@@ -10,18 +10,28 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
+from pydantic import BaseModel
 
 from listener.events import ResultMetadata, RunStatus
 from listener.ports import Beat, ClaimedRun, LeaseLost
 from listener.queries import q
 from solver.problem import PlanLine
 
-__all__ = ["LEASE_LOST", "Beat", "ClaimedRun", "EngineDB", "LeaseLost"]
+__all__ = ["LEASE_LOST", "Beat", "CheckRow", "ClaimedRun", "EngineDB", "LeaseLost"]
 
 LEASE_LOST = "PL001"
+
+
+class CheckRow(BaseModel):
+    """One row of `planner_engine.self_check`."""
+
+    check_name: str
+    ok: bool
+    severity: Literal["error", "warning"]
+    detail: str
 
 
 def _json(value: Any) -> str:
@@ -35,12 +45,25 @@ class EngineDB:
         self.pool = pool
 
     @classmethod
-    async def connect(cls, dsn: str, *, max_size: int = 4) -> EngineDB:
+    async def connect(
+        cls, dsn: str, *, max_size: int = 4, transaction_pooler: bool = False,
+    ) -> EngineDB:
+        """Open the pool. Behind a transaction-mode pooler consecutive statements may run on
+        different server connections, so a statement prepared on one is unknown on the next:
+        asyncpg's statement cache must be off there (`statement_cache_size=0`); it then
+        prepares unnamed statements, which live only as long as the one round trip."""
         pool = await asyncpg.create_pool(
             dsn, min_size=1, max_size=max_size, command_timeout=60,
+            statement_cache_size=0 if transaction_pooler else 100,
             server_settings={"application_name": "planner-listener"},
         )
         return cls(pool)
+
+    async def self_check(self, expected_version: str | None) -> list[CheckRow]:
+        """`planner_engine.self_check`: one row per check, problems included (never raises
+        for a failed check; raises when the function itself is missing or not granted)."""
+        rows = await self.pool.fetch(q("self_check"), expected_version)
+        return [CheckRow.model_validate(dict(r)) for r in rows]
 
     async def close(self) -> None:
         await self.pool.close()

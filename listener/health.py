@@ -1,9 +1,11 @@
 """Liveness, readiness and Prometheus metrics over HTTP for the hosting platform.
 
 `/livez`   200 while the event loop answers (a blocked loop is the failure that matters).
-`/readyz`  200 when the database answers and the Realtime subscription is live, else 503 with
-           the reason; a listener that is not ready still catches up by polling, so platforms
-           should alert on it rather than restart it.
+`/readyz`  200 when the database answers, the Realtime subscription is live, the engine role's
+           self-check passes and the key is accepted for broadcasts, else 503 with the
+           reason; a listener that is not ready still catches up by polling (unless its
+           self-check fails: then it claims nothing), so platforms should alert on it
+           rather than restart it.
 `/metrics` Prometheus text format.
 """
 
@@ -16,6 +18,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ReadyProbe = Callable[[], Awaitable[dict[str, Any]]]
+#: The readiness report's fields that must all be true for a 200.
+READY_WHEN = ("database", "realtime", "self_check", "broadcast")
 
 
 def make_app(ready: ReadyProbe) -> web.Application:
@@ -24,7 +28,7 @@ def make_app(ready: ReadyProbe) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         report = await ready()
-        ok = all(v is True for k, v in report.items() if k in ("database", "realtime"))
+        ok = all(report.get(k) is True for k in READY_WHEN)
         return web.json_response(report, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:

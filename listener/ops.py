@@ -22,12 +22,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from listener.errors import CONNECT_ERRORS, describe_connect_error, describe_url_problem
 from listener.roles import acting_as
 
 runs_app = typer.Typer(help="Inspect and cancel planner runs.", no_args_is_help=True)
 history_app = typer.Typer(help="List and restore job line snapshots.", no_args_is_help=True)
 console = Console()
 T = TypeVar("T")
+
+#: How an operator's database is given, for error lines.
+DATABASE_URL_SOURCE = "DATABASE_URL (or --database-url)"
 
 DbOption = typer.Option(
     None, "--database-url", envvar="DATABASE_URL",
@@ -50,6 +54,11 @@ def require_database_url(database_url: str | None) -> str:
     Missing, it stops with one line naming both fixes (exit 2, a usage error).
     """
     if database_url:
+        problem = describe_url_problem(database_url)
+        if problem:
+            typer.secho(f"error: the database URL from {DATABASE_URL_SOURCE} {problem}",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
         return database_url
     typer.secho(
         "error: no database given: set DATABASE_URL or pass --database-url "
@@ -65,8 +74,11 @@ def _run(database_url: str | None, fn: Callable[[asyncpg.Connection], Awaitable[
     async def go() -> T:
         try:
             conn = await asyncpg.connect(dsn)
-        except (OSError, asyncpg.PostgresError) as exc:
-            console.print(f"[red]error:[/] cannot reach the database: {exc}")
+        except CONNECT_ERRORS as exc:
+            line = describe_connect_error(exc, dsn, DATABASE_URL_SOURCE)
+            if line is None:
+                raise
+            typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         try:
             return await fn(conn)

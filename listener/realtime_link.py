@@ -9,6 +9,12 @@ The channel is private: a hosted project with public channels disabled refuses a
 ("PrivateOnly: This project only allows private channels"), and Realtime would then never wake
 the listener. A private join is authorised by RLS on `realtime.messages` for the token's role
 (policy `planner_engine_runs_listener_read`, docs/database.md).
+
+Keys of both kinds work unchanged here: the client puts the key in the socket's `apikey` query
+parameter and in each join's `access_token`. For an `sb_secret_` key hosted Realtime takes the
+connection's token (the gateway turns the `apikey` into a JWT) and ignores an `access_token` that
+starts with `sb_` (supabase/realtime, `RealtimeChannel.assign_access_token`), so the channel
+acts as service_role just as with the legacy JWT.
 """
 
 from __future__ import annotations

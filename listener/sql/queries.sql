@@ -32,3 +32,7 @@ select id, created_at
 
 -- name: ping
 select 1;
+
+-- name: self_check
+-- What the engine role cannot see for itself (planner_engine.self_check, one row per check).
+select check_name, ok, severity, detail from planner_engine.self_check($1::text);

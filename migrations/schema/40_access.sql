@@ -68,7 +68,8 @@ grant execute on function
   planner_engine.finish_run(uuid, uuid, text, text, jsonb),
   planner_engine.write_log(uuid, uuid, text, text, jsonb, text, timestamptz),
   planner_engine.write_logs(jsonb),
-  planner_engine.sweep_stale_runs(interval, interval)
+  planner_engine.sweep_stale_runs(interval, interval),
+  planner_engine.self_check(text)
   to planner_engine, service_role;
 grant usage on schema planner_engine to service_role;
 

@@ -90,6 +90,7 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "planner_engine.write_log(A's run, B's org)": (D, D, D, D, "PL002"),
     "planner_engine.write_logs([A's run, B's org])": (D, D, D, D, "ok"),
     "planner_engine.sweep_stale_runs()": (D, D, D, D, "ok"),
+    "planner_engine.self_check()": (D, D, D, D, "ok"),
 }
 #: Why an `ok` cell is harmless (checked in the test, not only stated).
 RPC_NOTES = {
@@ -101,6 +102,9 @@ RPC_NOTES = {
     "planner_engine.write_logs([A's run, B's org])": "the record is skipped: 0 rows written",
     "planner_engine.sweep_stale_runs()":
         "the engine may run the sweeper; it only touches runs past the TTL",
+    "planner_engine.self_check()":
+        "reports the login's own grants and the newest migration's version: no tenant data, "
+        "writes nothing",
 }
 
 
@@ -510,6 +514,10 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
                                f.gen_run, b.id)
         elif name.startswith("planner_engine.sweep_stale_runs"):
             await conn.fetchval("select planner_engine.sweep_stale_runs()")
+        elif name.startswith("planner_engine.self_check"):
+            rows = await conn.fetch("select * from planner_engine.self_check(null)")
+            text = json.dumps([dict(r) for r in rows])
+            assert a.id not in text and b.id not in text and str(f.gen_run) not in text
         else:
             raise AssertionError(name)
         return "ok"

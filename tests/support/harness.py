@@ -40,7 +40,9 @@ def listener_env(
 ) -> dict[str, str]:
     """Environment of a listener on one test database, with test-friendly intervals."""
     env = {
-        **os.environ,
+        # Without the variables that would override the key below (a shell that ran
+        # `eval "$(planner dev env)"` has SUPABASE_SECRET_KEY, which the listener prefers).
+        **{k: v for k, v in os.environ.items() if k not in ("SUPABASE_SECRET_KEY", "PORT")},
         "PLANNER_DATABASE_URL": settings.engine_dsn(database),
         "SUPABASE_URL": supabase_url,
         "SUPABASE_SERVICE_ROLE_KEY": keys.api_key("service_role", settings.jwt_secret),

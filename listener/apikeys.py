@@ -1,0 +1,91 @@
+"""Which kind of Supabase API key the listener was given, and how to send it.
+
+Supabase has two generations of keys. The legacy ones are JWTs whose `role` claim says what
+they may do (`anon` or `service_role`); the new ones are opaque strings whose prefix says it
+(`sb_publishable_...` like anon, `sb_secret_...` like service_role). The listener needs the
+service-role kind: with the anon key it still connects, but its progress broadcasts to private
+topics are refused and it hears only the runs RLS shows to anon, i.e. nothing. That mistake
+looked healthy (issue 15), so the key is classified at start, without a network call: a JWT's
+payload is read (not verified: the server verifies it, we only want the claimed role).
+
+Headers: hosted Supabase's gateway takes an `sb_` key only in the `apikey` header; it is not a
+JWT, so it must not be sent as `Authorization: Bearer` (the gateway answers 401 when the bearer
+is not a JWT, unless it equals `apikey`). A legacy JWT goes in both, as the official clients do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+SECRET_PREFIX = "sb_secret_"
+PUBLISHABLE_PREFIX = "sb_publishable_"
+
+Kind = Literal["secret", "publishable", "jwt", "unknown"]
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    kind: Kind
+    role: str | None  # the JWT's role claim, or the role an sb_ key stands for
+
+    @property
+    def is_service(self) -> bool:
+        """May it read every run and broadcast to private topics?"""
+        return self.role == "service_role"
+
+    def describe(self) -> str:
+        if self.kind == "secret":
+            return "a secret key (sb_secret_...)"
+        if self.kind == "publishable":
+            return "a publishable key (sb_publishable_...)"
+        if self.kind == "jwt":
+            return f"a JWT with role {self.role or '(none)'}"
+        return "neither an sb_secret_ key nor a JWT"
+
+
+def _jwt_role(key: str) -> str | None:
+    parts = key.split(".")
+    if len(parts) != 3:
+        raise ValueError("not a JWT")
+    payload = parts[1] + "=" * (-len(parts[1]) % 4)
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload))
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("not a JWT") from exc
+    if not isinstance(claims, dict):
+        raise ValueError("not a JWT")
+    role = claims.get("role")
+    return role if isinstance(role, str) else None
+
+
+def classify(key: str) -> KeyInfo:
+    if key.startswith(SECRET_PREFIX):
+        return KeyInfo("secret", "service_role")
+    if key.startswith(PUBLISHABLE_PREFIX):
+        return KeyInfo("publishable", "anon")
+    try:
+        return KeyInfo("jwt", _jwt_role(key))
+    except ValueError:
+        return KeyInfo("unknown", None)
+
+
+def key_problem(key: str, variable: str) -> str | None:
+    """One line saying why `key` (from `variable`) cannot serve the listener, or None."""
+    info = classify(key)
+    if info.is_service:
+        return None
+    return (f"{variable} holds {info.describe()}, but the listener needs the service-role "
+            "kind: the secret key (sb_secret_...) or the legacy service_role JWT, from the "
+            "dashboard's Project Settings > API Keys (docs/deploy.md#keys)")
+
+
+def rest_headers(key: str) -> dict[str, str]:
+    """Headers for Supabase's REST endpoints (the Realtime broadcast API among them)."""
+    headers = {"apikey": key}
+    if classify(key).kind == "jwt":
+        headers["Authorization"] = f"Bearer {key}"
+    return headers
