@@ -83,10 +83,8 @@ class _Listener:
         env = {**os.environ, **stack.env(settings), "PLANNER_LOG_FORMAT": "json",
                "PLANNER_WORKER_ID": "demo-listener", "PLANNER_HEALTH_HOST": "127.0.0.1",
                "PLANNER_HEALTH_PORT": str(self.port)}
-        # The demo's listener holds the legacy service_role JWT (SUPABASE_SERVICE_ROLE_KEY):
-        # without this the sb_secret_ key of `dev env` would win, which needs a local Realtime
-        # server that accepts sb_ keys.
-        env.pop("SUPABASE_SECRET_KEY", None)
+        # `dev env` gives both key kinds; the listener prefers SUPABASE_SECRET_KEY, so the demo
+        # runs on the new sb_secret_ key (the local Realtime server accepts it as hosted does).
         planner = str(Path(sys.executable).with_name("planner"))
         with self.log.open("ab") as fh:
             self.proc = subprocess.Popen([planner, "listen"], env=env, stdout=fh,

@@ -45,8 +45,15 @@ from listener.sqltext import normalised, split_statements, statements_match
 ENGINE_ROLE = "planner_engine"
 PUBLICATION = "supabase_realtime"
 SCHEMA_DIR = migrate.MIGRATIONS_DIR / "schema"
-#: The variable the listener reads its Realtime key from (listener/settings.py).
-KEY_VARIABLE = "SUPABASE_SERVICE_ROLE_KEY"
+#: The variables the listener reads its Realtime key from, the first set one winning
+#: (listener/settings.py).
+KEY_VARIABLES = ("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY")
+KEY_VARIABLE = " or ".join(KEY_VARIABLES)
+
+
+def listener_key(env: dict[str, str]) -> tuple[str, str] | None:
+    """(variable, key) of the key the listener would use, or None."""
+    return next(((v, env[v]) for v in KEY_VARIABLES if env.get(v)), None)
 
 
 class Check(BaseModel):
@@ -536,15 +543,15 @@ def command(
 ) -> None:
     """Check a deployment: schema, pg_cron sweeper, Realtime publication, engine role
     (with --database-url), and the listener's Realtime settings (SUPABASE_URL and
-    SUPABASE_SERVICE_ROLE_KEY from the environment). One line per check; exit 1 when one
-    fails."""
+    SUPABASE_SECRET_KEY or SUPABASE_SERVICE_ROLE_KEY from the environment). One line per
+    check; exit 1 when one fails."""
     supabase_url = os.environ.get("SUPABASE_URL") or None
-    key = os.environ.get(KEY_VARIABLE) or None
+    key = listener_key(dict(os.environ))
     if not (database_url or supabase_url or key):
         typer.secho(f"error: nothing to check: pass --database-url (or set DATABASE_URL) and/or "
                     f"set SUPABASE_URL and {KEY_VARIABLE}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    checks = asyncio.run(run(database_url, supabase_url, (KEY_VARIABLE, key) if key else None,
+    checks = asyncio.run(run(database_url, supabase_url, key,
                              cron_database=cron_database or None))
     ok = report(checks, as_json, typer.echo)
     raise typer.Exit(0 if ok else 1)

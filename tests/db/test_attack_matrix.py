@@ -142,6 +142,7 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
         ("", "", "execute"),
     "planner_engine.write_logs(jsonb)": ("", "", "execute"),
     "planner_engine.sweep_stale_runs(interval,interval)": ("", "", "execute"),
+    "planner_engine.self_check(text)": ("", "", "execute"),
     "planner_private.has_role(uuid,text[])": ("", "execute", ""),
     "planner_private.is_member(uuid)": ("", "execute", ""),
     "planner_private.can_plan(uuid)": ("", "execute", ""),

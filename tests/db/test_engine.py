@@ -679,12 +679,13 @@ async def test_run_channel_readable_by_members_only(
                             " private) values ($1, 'broadcast', '{}', 'fake', true)", topic)
 
 
-async def test_runs_are_published_with_full_replica_identity(su: asyncpg.Connection):
+async def test_runs_are_published_with_the_default_replica_identity(su: asyncpg.Connection):
+    """Old rows in change events are the key alone (tests/listener/test_change_events.py)."""
     assert await su.fetchval(
         "select true from pg_publication_tables where pubname = 'supabase_realtime'"
         " and schemaname = 'public' and tablename = 'allocation_planner_runs'")
     assert await su.fetchval("select relreplident from pg_class"
-                             " where oid = 'public.allocation_planner_runs'::regclass") == b"f"
+                             " where oid = 'public.allocation_planner_runs'::regclass") == b"d"
 
 
 async def test_load_problem_stays_valid_for_the_solver_after_edits(

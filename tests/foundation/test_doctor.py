@@ -171,19 +171,19 @@ async def test_doctor_names_a_wrong_replica_identity(dev_settings: DevSettings, 
     dsn = dev_settings.dsn(db_name)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("alter table public.allocation_planner_runs replica identity default")
+        await conn.execute("alter table public.allocation_planner_runs replica identity full")
         pub = {c.name: c for c in await doctor.database_checks(dsn)}["realtime publication"]
         assert not pub.ok
-        assert "replica identity default, the migrations set full" in pub.detail
+        assert "replica identity full, the migrations set default" in pub.detail
     finally:
-        await conn.execute("alter table public.allocation_planner_runs replica identity full")
+        await conn.execute("alter table public.allocation_planner_runs replica identity default")
         await conn.close()
 
 
 def test_expected_setup_is_read_from_the_schema_files():
     expected = doctor.expected_setup()
     assert expected.published == {"public.allocation_planner_runs"}
-    assert expected.identities == {"public.allocation_planner_runs": "full"}
+    assert expected.identities == {"public.allocation_planner_runs": "default"}
     assert ("function", "planner_engine.claim_run(text, uuid)", "execute") in expected.grants
     assert not any(g[2] in ("insert", "update", "delete") for g in expected.grants)
 

@@ -264,3 +264,33 @@ async def test_a_refused_key_makes_broadcasts_not_ready(rt_server: RealtimeServe
     finally:
         await bc.close()
 
+
+
+async def test_the_secret_key_runs_the_listener_end_to_end(
+    listeners: ListenerFactory, db: asyncpg.Connection, org: SeededOrganization,
+    rt_server: RealtimeServer,
+):
+    """An `sb_secret_` key in SUPABASE_SECRET_KEY (it wins over SUPABASE_SERVICE_ROLE_KEY):
+    the listener subscribes with it, hears an insert, solves, and its progress broadcasts
+    (apikey header only: an opaque key is no bearer token) reach the member on the run's
+    private channel."""
+    from tests.realtime.helpers import JsClient
+
+    run_id = await start_run(db, org)
+    member = JsClient(rt_server.url, org.planner.access_token)
+    await member.start()
+    try:
+        await member.cmd(cmd="setAuth", token=org.planner.access_token)
+        spec = {"config": {"private": True}, "broadcast": ["status", "progress", "done"]}
+        assert await member.channel(f"planner_run:{run_id}", **spec) == "SUBSCRIBED"
+        listener = listeners("SB", SUPABASE_SECRET_KEY=keys.LOCAL_SECRET_KEY)
+        await listener.wait_ready()
+        row = await wait_for_status(db, run_id, TERMINAL, 60)
+        assert row["status"] == "COMPLETED", row
+        done = await member.events.wait(
+            lambda e: e.get("type") == "broadcast" and e["payload"]["event"] == "done", 10)
+        assert done["payload"]["payload"]["status"] == "COMPLETED"
+        _, ready = listener.readiness()
+        assert ready.get("broadcast") is not False, ready
+    finally:
+        await member.close()

@@ -41,7 +41,8 @@ def listener_env(
     """Environment of a listener on one test database, with test-friendly intervals."""
     env = {
         # Without the variables that would override the key below (a shell that ran
-        # `eval "$(planner dev env)"` has SUPABASE_SECRET_KEY, which the listener prefers).
+        # `eval "$(planner dev env)"` has SUPABASE_SECRET_KEY, which the listener prefers;
+        # the demo and tests/listener/test_deploy_checks.py run the sb_secret_ key).
         **{k: v for k, v in os.environ.items() if k not in ("SUPABASE_SECRET_KEY", "PORT")},
         "PLANNER_DATABASE_URL": settings.engine_dsn(database),
         "SUPABASE_URL": supabase_url,
