@@ -83,6 +83,9 @@ def describe_connect_error(exc: BaseException, dsn: str, variable: str) -> str |
     if isinstance(exc, OSError) and exc.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
         return (f"no route to the database at {at} ({exc.strerror}): a direct Supabase host "
                 f"is IPv6-only; use the pooler's host in {variable} (docs/deploy.md)")
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return (f"role {user} lacks a privilege at {at} ({exc}): use the database owner's "
+                f"role (postgres on Supabase) in {variable}")
     if isinstance(exc, asyncpg.PostgresError):
         return f"the database at {at} refused the connection: {exc} (check {variable})"
     if isinstance(exc, OSError):

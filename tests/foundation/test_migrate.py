@@ -424,3 +424,23 @@ async def test_cron_database_setting_schedules_the_sweeper_there_and_it_runs(
                                    name) == 0
     finally:
         await cron.close()
+
+
+@pytest.mark.parametrize("mistake", ["missing privilege", "wrong password"])
+def test_cli_mistakes_are_one_line(empty_db: str, dev_settings: DevSettings, mistake: str):
+    """The likeliest `planner migrate` mistakes print one line naming the fix: the listener's
+    role instead of the database owner's, and a wrong password. Nothing is applied."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = urlsplit(empty_db)
+    user, password = ((dev_settings.engine_role, dev_settings.engine_password)
+                      if mistake == "missing privilege" else ("postgres", "wrong"))
+    dsn = urlunsplit(url._replace(netloc=f"{user}:{password}@{url.hostname}:{url.port}"))
+    planner = Path(sys.executable).with_name("planner")
+    res = subprocess.run([str(planner), "migrate", "--database-url", dsn],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stdout + res.stderr
+    line = one_error_line(res.stderr)
+    expected = ("lacks a privilege", "use the database owner's role") \
+        if mistake == "missing privilege" else ("refused the password", "fix the password")
+    assert all(text in line for text in expected), line
