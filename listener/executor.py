@@ -210,7 +210,9 @@ class RunExecutor:
         raw = await self.store.load_problem(run.id, run.lease)
         timings["load_ms"] = (time.monotonic() - t0) * 1000
         try:
-            problem = Problem.model_validate(raw)
+            # Off the event loop: a tenant's problem may list tens of thousands of teams, and
+            # heartbeats, Realtime and other runs' announcements must keep their pace.
+            problem = await asyncio.to_thread(Problem.model_validate, raw)
         except ValidationError as exc:
             reason = summarise_validation(exc)
             logger.error("the run's input is not a valid problem: {}", reason)

@@ -86,3 +86,16 @@ def test_rule_set_catalogue_is_complete_and_consistent() -> None:
     assert TERMS_REQUIRED == {"VIC_PGY1": 5, "VIC_PGY2": 4}
     assert SPECS["VIC_PGY1"] == SPECS["AMC_PGY1"]
     assert SPECS["VIC_PGY2"] == SPECS["AMC_PGY2"]
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_ids_are_found_in_linear_time():
+    """Issue 13: the duplicate-id check was quadratic (40,000 teams: over two minutes, while
+    the listener's event loop stood still). 40,000 teams with one duplicate are refused by
+    name well inside the timeout."""
+    teams = [{"id": f"team{i}", "specialty": "medicine", "subspecialty": "general"}
+             for i in range(40_000)]
+    teams.append(dict(teams[123]))
+    with pytest.raises(ValidationError, match=r"duplicate team id\(s\): \['team123'\]"):
+        Problem.model_validate({"terms": [{"id": "T1", "weeks": 10}], "teams": teams,
+                                "n_job_lines": 1})
