@@ -30,6 +30,8 @@ async def test_service_role_bypasses_rls_authenticated_does_not(pg: asyncpg.Conn
         alter table scaffold_probe enable row level security;
         create policy own on scaffold_probe for select to authenticated
           using (owner = auth.uid());
+        -- explicit: the migrations revoke public's default privileges for the API roles
+        grant select on scaffold_probe to anon, authenticated;
         """
     )
     me, other = str(uuid.uuid4()), str(uuid.uuid4())
