@@ -690,11 +690,15 @@ returns trigger
 language plpgsql security definer set search_path = ''
 as $$
 declare
-  v_allocation_run_id uuid := case when tg_table_name = 'allocation_runs' then old.id
-                                   else old.allocation_run_id end;
+  v_allocation_run_id uuid;
   v_old jsonb;
   v_xid xid := pg_catalog.pg_current_xact_id()::xid;
 begin
+  if tg_table_name = 'allocation_runs' then
+    v_allocation_run_id := old.id;
+  else
+    v_allocation_run_id := old.allocation_run_id;
+  end if;
   if not exists (select 1 from public.organizations o where o.id = old.organization_id) then
     return old;
   end if;
