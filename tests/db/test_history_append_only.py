@@ -17,7 +17,13 @@ from typing import Any
 import asyncpg
 
 from tests.db.conftest import (
-    World, as_user, claim, expect_sqlstate, insert_run, new_allocation_run, plan_json,
+    World,
+    as_user,
+    claim,
+    expect_sqlstate,
+    insert_run,
+    new_allocation_run,
+    plan_json,
 )
 from tests.support.roles import acting_as
 
@@ -164,7 +170,7 @@ async def test_deleting_an_allocation_run_snapshots_its_plan(
                                  snaps[-1]["id"])
     assert taken_by == a.admin
     # Without a plan there is nothing to keep: no empty snapshot.
-    ar2, terms2 = await new_allocation_run(su, a.id, teams=a.teams)
+    ar2, _ = await new_allocation_run(su, a.id, teams=a.teams)
     await as_user(pg, a.admin, "delete from allocation_runs where id = $1", ar2)
     assert await _snapshots(su, ar2) == []
 
@@ -201,9 +207,8 @@ async def test_only_the_service_role_purges_and_only_deleted_runs(
     finally:
         await pg.execute("rollback")
     # A live allocation run's history is refused.
-    async with expect_sqlstate("PL033"):
-        async with acting_as(pg, "service_role") as c:
-            await c.execute("select planner_private.purge_history($1)", ar)
+    async with expect_sqlstate("PL033"), acting_as(pg, "service_role") as c:
+        await c.execute("select planner_private.purge_history($1)", ar)
 
     await as_user(pg, a.admin, "delete from allocation_runs where id = $1", ar)
     n_snap = len(await _snapshots(su, ar))

@@ -35,10 +35,9 @@ async def test_the_last_admin_can_be_neither_demoted_nor_removed(
         await as_user(pg, org.admin, "delete from organization_members"
                       " where organization_id = $1 and user_id = $2", org.id, org.admin)
     # Not even the service role or the owner, nor by deleting the user's account.
-    async with expect_sqlstate("PL030"):
-        async with acting_as(pg, "service_role") as c:
-            await c.execute("delete from organization_members where organization_id = $1"
-                            " and role = 'admin'", org.id)
+    async with expect_sqlstate("PL030"), acting_as(pg, "service_role") as c:
+        await c.execute("delete from organization_members where organization_id = $1"
+                        " and role = 'admin'", org.id)
     async with expect_sqlstate("PL030"):
         await pg.execute("delete from auth.users where id = $1", org.admin)
     assert await _role(su, org.id, org.admin) == "admin"
