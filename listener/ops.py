@@ -233,3 +233,26 @@ def history_restore(snapshot_id: str, database_url: str = DbOption) -> None:
     undo = _run(database_url, go)
     console.print(f"restored snapshot {sid}; the replaced plan is snapshot {undo}"
                   if undo else f"restored snapshot {sid} (there was no plan to snapshot)")
+
+
+@history_app.command("purge")
+def history_purge(
+    allocation_run: str = typer.Option(
+        ..., "--allocation-run", help="The DELETED allocation run whose history to remove."),
+    database_url: str = DbOption,
+) -> None:
+    """Remove the snapshots and log lines of a deleted allocation run, for good.
+
+    History outlives its allocation run on purpose (no cascade removes it), so this is the one
+    way to remove it: explicit, by the service role, and refused (PL033) while the allocation
+    run still exists.
+    """
+    ar = _uuid(allocation_run)
+
+    async def go(conn: asyncpg.Connection) -> Any:
+        async with acting_as(conn, "service_role") as c:
+            return await c.fetchval("select planner_private.purge_history($1)::text", ar)
+
+    counts = json.loads(_run(database_url, go))
+    console.print(f"allocation run {ar}: purged {counts['snapshots']} snapshot(s) and "
+                  f"{counts['logs']} log line(s)")

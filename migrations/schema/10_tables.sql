@@ -58,6 +58,27 @@ create table public.organization_members (
 );
 create index organization_members_user_idx on public.organization_members (user_id);
 
+-- Invitations (issue 14): the only way a user becomes a member of an organisation they are
+-- not in yet. An admin invites an e-mail address (public.invite_member), the user holding
+-- that address accepts (public.accept_invitation). Nobody learns from it whether an address
+-- or a user id has an account: invite_member never looks at auth.users.
+create table public.organization_invitations (
+  id uuid primary key default gen_random_uuid(),
+  organization_id uuid not null references public.organizations (id) on delete cascade,
+  email text not null check (email = lower(btrim(email)) and email ~ '^[^@[:space:]]+@[^@[:space:]]+$'),
+  role text not null check (role in ('admin', 'planner', 'viewer')),
+  invited_by uuid references auth.users (id) on delete set null,
+  created_at timestamptz not null default now(),
+  expires_at timestamptz not null default now() + interval '14 days',
+  accepted_at timestamptz,
+  accepted_by uuid references auth.users (id) on delete set null,
+  constraint accepted_together check ((accepted_at is null) = (accepted_by is null))
+);
+-- One open invitation per address and organisation (inviting again updates it).
+create unique index organization_invitations_open_idx
+  on public.organization_invitations (organization_id, email) where accepted_at is null;
+create index organization_invitations_email_idx on public.organization_invitations (email);
+
 -- -- rule-set catalogue --------------------------------------------------------------------
 -- Mirrors solver.rules.RULE_SETS; constraints arrays on runs are checked against it.
 create table public.planner_rule_sets (
@@ -252,11 +273,13 @@ create table public.job_lines_history (
   -- this column; lz4 does that several times faster than the default pglz.
   plan jsonb compression lz4 not null check (jsonb_typeof(plan -> 'lines') = 'array'),
   unique (id, allocation_run_id, organization_id),
-  foreign key (allocation_run_id, organization_id)
-    references public.allocation_runs (id, organization_id) on delete cascade,
-  foreign key (planner_run_id, allocation_run_id, organization_id)
-    references public.allocation_planner_runs (id, allocation_run_id, organization_id)
-    on delete set null (planner_run_id),
+  -- History outlives its allocation run (issue 14): no key to allocation_runs or to the runs,
+  -- so deleting them cascades nothing here and allocation_run_id / planner_run_id keep their
+  -- ids. The tenant check those keys made is a trigger (planner_private.
+  -- history_belongs_to_its_run, 20_rules.sql) on insert and on any change of the ids; the
+  -- organisation stays a real key (deleting a whole organisation, an operator's act, takes
+  -- its history with it). Only `planner history purge` removes a deleted run's history.
+  foreign key (organization_id) references public.organizations (id) on delete cascade,
   foreign key (restored_snapshot_id, allocation_run_id, organization_id)
     references public.job_lines_history (id, allocation_run_id, organization_id)
     on delete set null (restored_snapshot_id)
@@ -274,9 +297,15 @@ create table public.planner_execution_logs (
   message text not null,
   context jsonb not null default '{}',
   traceback text,
-  foreign key (planner_run_id, organization_id)
-    references public.allocation_planner_runs (id, organization_id) on delete cascade
+  -- Filled in by the insert trigger from the run (never trusted from the writer): the key
+  -- by which `planner history purge --allocation-run` finds a deleted run's log lines.
+  allocation_run_id uuid not null,
+  -- Like the history: no key to the run, so the lines survive its deletion with their ids;
+  -- planner_private.log_belongs_to_its_run (20_rules.sql) checks run and organisation.
+  foreign key (organization_id) references public.organizations (id) on delete cascade
 );
 create index planner_execution_logs_run_idx
   on public.planner_execution_logs (planner_run_id, logged_at);
 create index planner_execution_logs_org_idx on public.planner_execution_logs (organization_id);
+create index planner_execution_logs_alloc_idx
+  on public.planner_execution_logs (allocation_run_id);

@@ -22,7 +22,8 @@ comment on role planner_engine is
   'Login role of the planner listener: EXECUTE on planner_engine.*, SELECT on inputs, no direct writes.';
 
 -- -- table privileges -------------------------------------------------------------------------
-revoke all on public.organizations, public.organization_members, public.planner_rule_sets,
+revoke all on public.organizations, public.organization_members,
+  public.organization_invitations, public.planner_rule_sets,
   public.allocation_runs, public.terms, public.teams, public.team_demand,
   public.allocation_planner_runs, public.job_lines, public.rotations, public.job_lines_history,
   public.planner_execution_logs
@@ -33,7 +34,14 @@ revoke all on all tables in schema planner_private from public;
 grant select on public.organizations, public.planner_rule_sets, public.job_lines,
   public.job_lines_history, public.planner_execution_logs
   to authenticated;
-grant select, insert, update, delete on public.organization_members to authenticated;
+-- Members: admins change a member's role or remove them (RLS); nobody inserts a member
+-- directly: new members come through an invitation they accept (public.invite_member,
+-- public.accept_invitation). Only `role` may change: moving a row to another user id would
+-- add a user without consent, and its foreign-key error would tell whether the id exists.
+grant select, delete, update (role) on public.organization_members to authenticated;
+-- Invitations: admins read and withdraw their organisation's, the invited user reads theirs;
+-- they are written only by the two functions.
+grant select, delete on public.organization_invitations to authenticated;
 grant select, insert, update, delete on public.allocation_runs, public.terms, public.teams,
   public.team_demand to authenticated;
 -- Runs: users insert a request and read progress; every later change goes through functions.
@@ -123,8 +131,6 @@ create policy members_read on public.organizations
 
 create policy members_read on public.organization_members
   for select to authenticated using (planner_private.is_member(organization_id));
-create policy admins_insert on public.organization_members
-  for insert to authenticated with check (planner_private.has_role(organization_id, array['admin']));
 create policy admins_update on public.organization_members
   for update to authenticated
   using (planner_private.has_role(organization_id, array['admin']))
@@ -148,8 +154,16 @@ begin
     execute format('create policy planners_update on public.%I for update to authenticated '
                    'using (planner_private.can_plan(organization_id)) '
                    'with check (planner_private.can_plan(organization_id))', t);
-    execute format('create policy planners_delete on public.%I for delete to authenticated '
-                   'using (planner_private.can_plan(organization_id))', t);
+    -- Deleting an allocation run or a term removes rotations of a plan (snapshotted first,
+    -- 20_rules.sql) and ends the run's life: admins only (issue 14). Teams and demand
+    -- remove no rotation (a team in use cannot be deleted: rotations' key).
+    if t in ('allocation_runs', 'terms') then
+      execute format('create policy admins_delete on public.%I for delete to authenticated '
+                     'using (planner_private.has_role(organization_id, array[''admin'']))', t);
+    else
+      execute format('create policy planners_delete on public.%I for delete to authenticated '
+                     'using (planner_private.can_plan(organization_id))', t);
+    end if;
     execute format('create policy engine_reads on public.%I for select to planner_engine '
                    'using (true)', t);
   end loop;
@@ -182,6 +196,26 @@ create policy members_read on public.job_lines_history
 
 create policy members_read on public.planner_execution_logs
   for select to authenticated using (planner_private.is_member(organization_id));
+
+-- -- membership and history (issue 14) ------------------------------------------------------
+alter table public.organization_invitations enable row level security;
+create policy admins_and_invitee_read on public.organization_invitations
+  for select to authenticated
+  using (planner_private.has_role(organization_id, array['admin'])
+         or email = (select planner_private.caller_email()));
+create policy admins_delete on public.organization_invitations
+  for delete to authenticated
+  using (planner_private.has_role(organization_id, array['admin']));
+
+revoke all on function public.invite_member(uuid, text, text),
+  public.accept_invitation(uuid)
+  from public, anon, authenticated;
+grant execute on function public.invite_member(uuid, text, text) to authenticated, service_role;
+grant execute on function public.accept_invitation(uuid) to authenticated;
+-- The invitations' read policy asks for the caller's own address.
+grant execute on function planner_private.caller_email() to authenticated;
+-- `planner history purge` (listener/ops.py), as the service role; nobody else.
+grant execute on function planner_private.purge_history(uuid) to service_role;
 
 -- -- Realtime ---------------------------------------------------------------------------------
 -- Private channel `planner_run:<run id>`: members of the run's organisation may join and read

@@ -51,6 +51,8 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
                       "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "organization_members": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
                              "update": (D, N, N, N, D), "delete": (D, N, N, N, D)},
+    "organization_invitations": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
+                                 "update": (D, D, D, D, D), "delete": (D, N, N, N, D)},
     "planner_rule_sets": {"select": (D, V, V, V, V), "insert": (D, D, D, D, D),
                           "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "allocation_runs": {"select": (D, N, N, N, V), "insert": (D, D, D, D, D),
@@ -80,6 +82,8 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
 EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "public.request_cancel(A's pending run)": (D, "PL012", "PL012", "PL012", D),
     "public.restore_job_lines(A's snapshot)": (D, "PL012", "PL012", "PL012", D),
+    "public.invite_member(A's org)": (D, "PL031", "PL031", "PL031", D),
+    "public.accept_invitation(A's invitation)": (D, "PL032", "PL032", "PL032", D),
     "planner_engine.claim_run(A's pending run)": (D, D, D, D, "ok"),
     "planner_engine.heartbeat(A's run, forged lease)": (D, D, D, D, "ok"),
     "planner_engine.load_problem(A's run, forged lease)": (D, D, D, D, "PL001"),
@@ -118,7 +122,8 @@ SEL, CRUD = "select", "select,insert,update,delete"
 #: them: table privileges comma-separated, a column-only grant as `update(col,...)`.
 PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "public.organizations": ("", SEL, SEL),
-    "public.organization_members": ("", CRUD, ""),
+    "public.organization_members": ("", "select,delete,update(role)", ""),
+    "public.organization_invitations": ("", "select,delete", ""),
     "public.planner_rule_sets": ("", SEL, SEL),
     "public.allocation_runs": ("", CRUD, SEL),
     "public.terms": ("", CRUD, SEL),
@@ -133,6 +138,8 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_engine.settings": ("", "", ""),
     "public.request_cancel(uuid)": ("", "execute", ""),
     "public.restore_job_lines(uuid)": ("", "execute", ""),
+    "public.invite_member(uuid,text,text)": ("", "execute", ""),
+    "public.accept_invitation(uuid)": ("", "execute", ""),
     "planner_engine.claim_run(text,uuid)": ("", "", "execute"),
     "planner_engine.heartbeat(uuid,uuid)": ("", "", "execute"),
     "planner_engine.load_problem(uuid,uuid)": ("", "", "execute"),
@@ -160,6 +167,13 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_private.current_plan(uuid,boolean)": ("", "", ""),
     "planner_private.replace_plan(uuid,uuid,jsonb,uuid,uuid,uuid)": ("", "", ""),
     "planner_private.raise_lease_lost(uuid,text)": ("", "", ""),
+    "planner_private.history_belongs_to_its_run()": ("", "", ""),
+    "planner_private.log_belongs_to_its_run()": ("", "", ""),
+    "planner_private.snapshot_before_delete()": ("", "", ""),
+    "planner_private.keep_one_admin()": ("", "", ""),
+    "planner_private.caller_email()": ("", "execute", ""),
+    # service_role only: `planner history purge` (tests/db/test_history_append_only.py)
+    "planner_private.purge_history(uuid)": ("", "", ""),
 }
 #: Supabase's own objects (the scaffolding stands in for a hosted project): not the
 #: migrations' to decide, listed once so that nothing else can hide among them.
@@ -174,9 +188,10 @@ POLICIES: dict[tuple[str, str], tuple[str, str]] = {
     ("public.organizations", "members_read"): ("SELECT", "authenticated"),
     ("public.organizations", "engine_reads"): ("SELECT", "planner_engine"),
     ("public.organization_members", "members_read"): ("SELECT", "authenticated"),
-    ("public.organization_members", "admins_insert"): ("INSERT", "authenticated"),
     ("public.organization_members", "admins_update"): ("UPDATE", "authenticated"),
     ("public.organization_members", "admins_delete"): ("DELETE", "authenticated"),
+    ("public.organization_invitations", "admins_and_invitee_read"): ("SELECT", "authenticated"),
+    ("public.organization_invitations", "admins_delete"): ("DELETE", "authenticated"),
     ("public.planner_rule_sets", "everyone_signed_in_reads"):
         ("SELECT", "authenticated,planner_engine"),
     **{(f"public.{t}", name): (cmd, role)
@@ -184,8 +199,12 @@ POLICIES: dict[tuple[str, str], tuple[str, str]] = {
        for name, cmd, role in (("members_read", "SELECT", "authenticated"),
                                ("planners_insert", "INSERT", "authenticated"),
                                ("planners_update", "UPDATE", "authenticated"),
-                               ("planners_delete", "DELETE", "authenticated"),
                                ("engine_reads", "SELECT", "planner_engine"))},
+    # deleting allocation runs and terms removes rotations of a plan: admins only
+    **{(f"public.{t}", "admins_delete"): ("DELETE", "authenticated")
+       for t in ("allocation_runs", "terms")},
+    **{(f"public.{t}", "planners_delete"): ("DELETE", "authenticated")
+       for t in ("teams", "team_demand")},
     ("public.allocation_planner_runs", "members_read"): ("SELECT", "authenticated"),
     ("public.allocation_planner_runs", "planners_insert"): ("INSERT", "authenticated"),
     ("public.allocation_planner_runs", "engine_reads"): ("SELECT", "planner_engine"),
@@ -204,6 +223,8 @@ REACHABLE_WITHOUT_CELLS = {
     "planner_private.is_member(uuid)": "policy helper: the caller's own membership",
     "planner_private.can_plan(uuid)": "policy helper: the caller's own planner/admin role",
     "planner_private.invoker_is_privileged()": "the insert trigger's question about current_user",
+    "planner_private.caller_email()":
+        "organization_invitations' read policy: the caller's own e-mail address, nobody else's",
     "planner_private.can_read_run_topic(text)":
         "realtime.messages policy: the caller's own membership of the run's organisation",
     "planner_private.admit_user_run(uuid,uuid,integer,text[])":
@@ -329,6 +350,7 @@ class Fixture:
     b_gen_run: str  # B, GENERATING, lease known
     b_gen_lease: str
     b_terms: list[str]
+    invitation: str  # an open invitation to A (for an address of nobody here)
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +371,10 @@ async def fx(su: asyncpg.Connection, world: World) -> Fixture:
     b_run = await insert_run(su, b.id, b.allocation_run_id)
     cb = await claim(su, b_run)
     assert cb is not None
+    invitation = await su.fetchval(
+        "select public.invite_member($1, 'invitee@example.test', 'viewer')::text", a.id)
     return Fixture(world, pending, gen, str(cg["lease"]), str(snap), b_run, str(cb["lease"]),
-                   b.terms)
+                   b.terms, str(invitation))
 
 
 def _a_filter(table: str) -> str:
@@ -368,6 +392,9 @@ def _insert_sql(table: str, f: Fixture) -> tuple[str, list[Any]]:
         "organizations": ("insert into organizations (name) values ('x')", []),
         "organization_members": ("insert into organization_members values ($1, $2, 'admin')",
                                  [a.id, b.planner]),
+        "organization_invitations": ("insert into organization_invitations (organization_id,"
+                                     " email, role) values ($1, 'evil@example.test', 'admin')",
+                                     [a.id]),
         "planner_rule_sets": ("insert into planner_rule_sets (code, description)"
                               " values ('EVIL', 'x')", []),
         "allocation_runs": ("insert into allocation_runs (organization_id, name)"
@@ -398,6 +425,7 @@ def _insert_sql(table: str, f: Fixture) -> tuple[str, list[Any]]:
 
 
 _SET = {"organizations": "name = name", "organization_members": "role = role",
+        "organization_invitations": "role = role",
         "planner_rule_sets": "description = description", "rotations": "pinned = pinned",
         "allocation_planner_runs": "n_job_lines = n_job_lines",
         "planner_engine.settings": "max_attempts = max_attempts"}
@@ -481,6 +509,11 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
             await conn.execute("select public.request_cancel($1)", f.pending_run)
         elif name.startswith("public.restore_job_lines"):
             await conn.execute("select public.restore_job_lines($1)", f.snapshot)
+        elif name.startswith("public.invite_member"):
+            await conn.execute("select public.invite_member($1, 'evil@example.test', 'admin')",
+                               a.id)
+        elif name.startswith("public.accept_invitation"):
+            await conn.execute("select public.accept_invitation($1)", f.invitation)
         elif name.startswith("planner_engine.claim_run"):
             rows = await conn.fetch("select * from planner_engine.claim_run('evil', $1)",
                                     f.pending_run)
@@ -538,7 +571,9 @@ ROW_COUNTS = ("select (select count(*) from job_lines) as job_lines,"
               " (select count(*) from rotations) as rotations,"
               " (select count(*) from job_lines_history) as history,"
               " (select count(*) from planner_execution_logs) as logs,"
-              " (select count(*) from allocation_planner_runs) as runs")
+              " (select count(*) from allocation_planner_runs) as runs,"
+              " (select count(*) from organization_members) as members,"
+              " (select count(*) from organization_invitations) as invitations")
 
 
 @pytest.mark.parametrize(("call", "actor"), RPC_CELLS,
