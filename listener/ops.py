@@ -83,10 +83,10 @@ def _run(database_url: str | None, fn: Callable[[asyncpg.Connection], Awaitable[
         try:
             return await fn(conn)
         except asyncpg.PostgresError as exc:
+            # One line on stderr, the database's hint (what to do) joined on.
             hint = getattr(exc, "hint", None)
-            console.print(f"[red]error ({exc.sqlstate}):[/] {exc}")
-            if hint:
-                console.print(f"  hint: {hint}")
+            typer.secho(f"error ({exc.sqlstate}): {exc.message}" + (f"; {hint}" if hint else ""),
+                        fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         finally:
             await conn.close()
