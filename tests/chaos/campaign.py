@@ -693,7 +693,7 @@ async def s4_postgres(c: Campaign, r: Run, reps: int) -> None:
             tx = locker.transaction()
             await tx.start()
             await locker.execute("lock table public.job_lines in access exclusive mode")
-            if not await _listener_waits_on_lock(c, 15):
+            if not await _listener_waits_on_lock(c, 60):
                 r.r.notes.append("a mid-commit repetition found no blocked commit")
             await asyncio.sleep(c.rnd.uniform(0.0, 1.0))
         modes[mode] += 1
@@ -858,9 +858,9 @@ async def s7_slow_db(c: Campaign, r: Run, reps: int) -> None:
                 sweep = asyncio.create_task(sweeper_conn.fetchval(
                     "select planner_engine.sweep_stale_runs($1::text::interval)", f"{ttl} seconds"))
                 await asyncio.sleep(0.3)
-                blocked = await _listener_waits_on_lock(c, 15)  # the commit queues after it
+                blocked = await _listener_waits_on_lock(c, 60)  # the commit queues after it
             else:
-                blocked = await _listener_waits_on_lock(c, 15)
+                blocked = await _listener_waits_on_lock(c, 60)
                 await asyncio.sleep(ttl + 0.5)
                 sweep = asyncio.create_task(sweeper_conn.fetchval(
                     "select planner_engine.sweep_stale_runs($1::text::interval)", f"{ttl} seconds"))
