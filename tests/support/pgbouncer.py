@@ -26,9 +26,12 @@ UNPRIVILEGED = "nobody"
 
 class PgBouncer:
     def __init__(self, settings: DevSettings, database: str, *, pool_mode: str = "transaction",
-                 pool_size: int = 2) -> None:
+                 pool_size: int = 2, any_database: bool = False) -> None:
         self.settings = settings
         self.database = database
+        #: also route every other database of the server (`planner migrate --cron-database`
+        #: reaches the cron database through the same pooler)
+        self.any_database = any_database
         self.pool_mode = pool_mode
         self.pool_size = pool_size
         self.port = free_port()
@@ -50,7 +53,8 @@ class PgBouncer:
         ini.write_text(
             "[databases]\n"
             f"{self.database} = host={s.host} port={s.pg_port} dbname={self.database}\n"
-            "[pgbouncer]\n"
+            + (f"* = host={s.host} port={s.pg_port}\n" if self.any_database else "")
+            + "[pgbouncer]\n"
             f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
             f"auth_type = scram-sha-256\nauth_file = {self.dir / 'userlist.txt'}\n"
             f"pool_mode = {self.pool_mode}\ndefault_pool_size = {self.pool_size}\n"
