@@ -239,8 +239,9 @@ async def test_planner_history_purge_command(
     ar, _, _ = await _planned_allocation_run(su, world)
     live = _planner("history", "purge", "--allocation-run", ar, db_url=db_url)
     assert live.returncode == 1, live
-    assert "PL033" in live.stdout and "delete the allocation run first" in live.stdout
     assert "Traceback" not in live.stdout + live.stderr
+    (line,) = live.stderr.splitlines()  # one line on stderr: the error and its hint
+    assert line.startswith("error (PL033)") and "delete the allocation run first" in line
 
     await as_user(pg, a.admin, "delete from allocation_runs where id = $1", ar)
     done = _planner("history", "purge", "--allocation-run", ar, db_url=db_url)

@@ -104,30 +104,6 @@ async def test_cancel_command_on_a_pending_run(
     assert "Cancelled" in logs
 
 
-async def test_history_purge_command(
-    db: asyncpg.Connection, db_url: str, orgs: list[SeededOrganization],
-):
-    """`planner history purge`: refused in one line while the allocation run exists (history
-    outlives it on purpose), then removes the deleted run's snapshots and log lines."""
-    org = orgs[7]
-    ar = await db.fetchval("insert into allocation_runs (organization_id, name)"
-                           " values ($1, 'to purge') returning id::text", org.id)
-    run = await insert_run(db, user_id=org.planner.id, organization_id=org.id,
-                           allocation_run_id=ar, n_job_lines=1, constraints=[], options={})
-    await db.execute("select planner_engine.write_log($1, $2, 'INFO', 'kept')", run, org.id)
-    refused = planner("history", "purge", "--allocation-run", ar, db_url=db_url, ok=False)
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    (line,) = refused.stderr.splitlines()
-    assert line.startswith("error (PL033)"), line
-    await db.execute("delete from allocation_runs where id = $1", ar)
-    assert await db.fetchval("select count(*) from planner_execution_logs"
-                             " where planner_run_id = $1", run) >= 1
-    out = planner("history", "purge", "--allocation-run", ar, db_url=db_url).stdout
-    assert f"allocation run {ar}: purged 0 snapshot(s) and" in out
-    assert await db.fetchval("select count(*) from planner_execution_logs"
-                             " where planner_run_id = $1", run) == 0
-
-
 @pytest.mark.stack  # `planner demo` starts the local stack itself
 def test_demo_twice_plans_then_snapshots_and_restores():
     """`planner demo` (what `make demo` runs) on the developer's stack: the first call may
