@@ -50,22 +50,27 @@ update public.allocation_planner_runs set lease = planner_private.lease_digest(l
  where lease is not null;
 
 -- AFTER UPDATE OF lease on allocation_planner_runs: remember the lease a run just gave up
--- (commit, finish, re-queue, sweep, or an operator's UPDATE), for write_logs' grace period.
--- A trigger rather than a line in each function, so no release path can forget it.
+-- (commit, finish, re-queue, sweep, or an operator's UPDATE), for write_logs' grace period,
+-- and forget it when the run is claimed again (only the run's last lease has a grace). A
+-- trigger rather than a line in each function, so no release or claim path can forget it.
 create function planner_private.allocation_planner_runs_remember_lease()
 returns trigger
 language plpgsql security definer set search_path = ''
 as $$
 begin
-  insert into planner_private.released_leases (run_id, lease, released_at)
-  values (old.id, old.lease, now())
-  on conflict (run_id) do update set lease = excluded.lease, released_at = excluded.released_at;
+  if old.lease is null then
+    delete from planner_private.released_leases where run_id = new.id;
+  else
+    insert into planner_private.released_leases (run_id, lease, released_at)
+    values (old.id, old.lease, now())
+    on conflict (run_id) do update set lease = excluded.lease, released_at = excluded.released_at;
+  end if;
   return null;
 end
 $$;
 create trigger remember_released_lease
   after update of lease on public.allocation_planner_runs
-  for each row when (old.lease is not null and new.lease is distinct from old.lease)
+  for each row when (new.lease is distinct from old.lease)
   execute function planner_private.allocation_planner_runs_remember_lease();
 
 -- -- claim -----------------------------------------------------------------------------------
