@@ -856,14 +856,16 @@ async def s7_slow_db(c: Campaign, r: Run, reps: int) -> None:
             if mode == "sweeper-first/row":
                 await asyncio.sleep(ttl + 0.5)  # the heartbeat is blocked: stale now
                 sweep = asyncio.create_task(sweeper_conn.fetchval(
-                    "select planner_private.sweep_stale_runs($1::text::interval)", f"{ttl} seconds"))
+                    "select planner_private.sweep_stale_runs($1::text::interval)",
+                    f"{ttl} seconds"))
                 await asyncio.sleep(0.3)
                 blocked = await _listener_waits_on_lock(c, 15)  # the commit queues after it
             else:
                 blocked = await _listener_waits_on_lock(c, 15)
                 await asyncio.sleep(ttl + 0.5)
                 sweep = asyncio.create_task(sweeper_conn.fetchval(
-                    "select planner_private.sweep_stale_runs($1::text::interval)", f"{ttl} seconds"))
+                    "select planner_private.sweep_stale_runs($1::text::interval)",
+                    f"{ttl} seconds"))
             await asyncio.sleep(c.rnd.uniform(0.3, 1.5))
             await tx.rollback()
             holds.append(time.monotonic() - t_lock)
