@@ -136,7 +136,8 @@ class RunExecutor:
     ) -> Outcome:
         """Run to a final state. Never raises except CancelledError (after cleaning up)."""
         with logger.contextualize(planner_run_id=str(run.id),
-                                  organization_id=str(run.organization_id)):
+                                  organization_id=str(run.organization_id),
+                                  planner_lease=str(run.lease)):
             started = time.monotonic()
             timings: dict[str, float] = {"claim_ms": claim_s * 1000}
             try:

@@ -1,9 +1,12 @@
 """Logging: JSON lines on stdout for the hosting platform, and each run's records in the database.
 
-Inside a run every record carries `planner_run_id` and `organization_id` (bound with
-`logger.contextualize`). `RunLogSink` copies those records into a bounded in-memory buffer that
-a background task writes to `planner_execution_logs` in batches through
-`planner_engine.write_logs`. The sink never blocks the event loop and never waits for the
+Inside a run every record carries `planner_run_id`, `organization_id` and `planner_lease` (bound
+with `logger.contextualize`). `RunLogSink` copies those records into a bounded in-memory buffer
+that a background task writes to `planner_execution_logs` in batches through
+`planner_engine.write_logs`, which writes a record only with its run's lease (or the run's last
+lease, for a grace period after the run ended) and stamps it with the database's time. The
+lease is a secret: it goes to the database only, never into the stdout line or the stored
+context. The sink never blocks the event loop and never waits for the
 database: through an outage it keeps up to `capacity` records and then drops the oldest,
 counting every drop (metric `planner_log_records_dropped_total`).
 
@@ -34,6 +37,12 @@ if TYPE_CHECKING:
     from listener.db import EngineDB
 
 
+#: Context keys that never leave the process except to the database (the run's lease).
+_SECRET_EXTRA = frozenset({"planner_lease"})
+#: Context keys that address the record rather than describe it.
+_ADDRESS_EXTRA = frozenset({"planner_run_id", "organization_id", *_SECRET_EXTRA})
+
+
 def _json_line(record: Record) -> str:
     out: dict[str, Any] = {
         "ts": record["time"].isoformat(),
@@ -42,7 +51,7 @@ def _json_line(record: Record) -> str:
         "logger": record["name"],
     }
     out.update({k: str(v) if not isinstance(v, int | float | bool) else v
-                for k, v in record["extra"].items()})
+                for k, v in record["extra"].items() if k not in _SECRET_EXTRA})
     if record["exception"] is not None:
         exc = record["exception"]
         out["exception"] = "".join(
@@ -98,23 +107,22 @@ class RunLogSink:
         rec = message.record
         extra = rec["extra"]
         run_id = extra.get("planner_run_id")
-        org_id = extra.get("organization_id")
-        if not run_id or not org_id:
+        lease = extra.get("planner_lease")
+        if not run_id or not lease:
             return
         tb = None
         if rec["exception"] is not None:
             e = rec["exception"]
             tb = "".join(traceback.format_exception(e.type, e.value, e.traceback))
-        context = {k: v for k, v in extra.items()
-                   if k not in ("planner_run_id", "organization_id")}
+        context = {k: v for k, v in extra.items() if k not in _ADDRESS_EXTRA}
+        # No timestamp: the database stamps each line (a caller could back-date it otherwise).
         item = {
             "planner_run_id": str(run_id),
-            "organization_id": str(org_id),
+            "lease": str(lease),
             "level": rec["level"].name,
             "message": rec["message"],
             "context": json.loads(json.dumps(context, default=str)),
             "traceback": tb,
-            "logged_at": rec["time"].isoformat(),
         }
         with self._lock:
             if len(self._buf) >= self.capacity:

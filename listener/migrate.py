@@ -60,7 +60,7 @@ SWEEPER_COMMAND = "select planner_engine.sweep_stale_runs()"
 CRON_DATABASE_GUC = "planner.sweeper_cron_database"
 #: SQLSTATE of a missing prerequisite (pg_cron); its message is the whole one-line error.
 PREREQUISITE_SQLSTATE = "PL020"
-_SWEEPER_FUNCTION = "planner_engine.sweep_stale_runs(interval, interval)"
+_SWEEPER_FUNCTION = "planner_engine.sweep_stale_runs()"
 
 
 class MigrationError(RuntimeError):

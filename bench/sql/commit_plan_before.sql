@@ -4,7 +4,9 @@
 -- 20261128000200/000300/000700), with the helpers it calls (current_plan, check_plan,
 -- replace_plan, raise_lease_lost), moved into the scratch schema `bench_before` so that
 -- bench/commit_bench.py can time it beside today's function on the same database, in the same
--- run. It writes the same public tables. Text unchanged apart from the schema names.
+-- run. It writes the same public tables. Text unchanged apart from the schema names and the
+-- lease check, which compares the lease's digest since issue 14 (the runs table keeps only
+-- planner_private.lease_digest of the lease claim_run returns).
 
 drop schema if exists bench_before cascade;
 create schema bench_before;
@@ -215,7 +217,7 @@ begin
   -- Lock the run first: a sweeper or cancel arriving now waits for this transaction, and
   -- one that already committed has cleared the lease, which the check below sees.
   select * into r from public.allocation_planner_runs where id = p_run_id for update;
-  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+  if not found or r.status <> 'GENERATING' or r.lease is distinct from planner_private.lease_digest(p_lease) then
     perform bench_before.raise_lease_lost(p_run_id, r.status);
   end if;
   if p_organization_id is distinct from r.organization_id then

@@ -2,7 +2,8 @@
 -- (migrations/); these are thin calls to them, one per name.
 
 -- name: claim_run
--- Claim the given PENDING run (or nothing). Returns the run with its fresh lease.
+-- Claim the given PENDING run (or nothing). Returns the run with its fresh lease, the only
+-- time the lease is seen: the database keeps its digest.
 select id, organization_id, allocation_run_id, n_job_lines, attempts, max_attempts, lease,
        created_at
   from planner_engine.claim_run($1::text, $2::uuid);
@@ -23,12 +24,9 @@ select planner_engine.finish_run($1::uuid, $2::uuid, $3::text, $4::text, $5::jso
 select planner_engine.write_logs($1::jsonb);
 
 -- name: pending_runs
--- Catch-up: the runs nobody announced (Realtime is at-most-once), oldest first.
-select id, created_at
-  from public.allocation_planner_runs
- where status = 'PENDING'
- order by created_at, id
- limit $1;
+-- Catch-up: the runs nobody announced (Realtime is at-most-once), oldest first. The engine
+-- role reads no table; the function returns ids and ages only.
+select id, created_at from planner_engine.pending_runs($1::integer);
 
 -- name: ping
 select 1;

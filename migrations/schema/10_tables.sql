@@ -33,7 +33,16 @@ create table planner_engine.settings (
   -- When the sweeper's pg_cron job was last (re)scheduled, by the migration or by
   -- `planner migrate --cron-database`: `planner doctor` expects a run within two periods
   -- once one period has passed since then.
-  sweeper_scheduled_at timestamptz
+  sweeper_scheduled_at timestamptz,
+  -- The sweeper's timeouts (planner_engine.sweep_stale_runs() reads them; the engine passes
+  -- none): a GENERATING run unheartbeated for stale_run_ttl is re-queued or failed, a run
+  -- PENDING for pending_run_ttl is failed.
+  stale_run_ttl interval not null default '90 seconds' check (stale_run_ttl > interval '0'),
+  pending_run_ttl interval not null default '30 minutes' check (pending_run_ttl > interval '0'),
+  -- How long after a run was released (finished, committed, re-queued, swept) its last lease
+  -- still lets planner_engine.write_logs add lines: the listener's log sink flushes in
+  -- batches, so a run's last lines usually arrive after finish_run.
+  log_grace interval not null default '2 minutes' check (log_grace >= interval '0')
 );
 insert into planner_engine.settings default values;
 comment on table planner_engine.settings is
@@ -178,7 +187,11 @@ create table public.allocation_planner_runs (
   attempts integer not null default 0 check (attempts >= 0),
   max_attempts integer not null default 3 check (max_attempts between 1 and 20),
   worker_id text,
-  lease uuid,  -- fencing token of the current claim; NULL whenever nobody holds the run
+  -- Digest of the fencing token of the current claim (planner_private.lease_digest); NULL
+  -- whenever nobody holds the run. The token itself is returned once, by claim_run, and is
+  -- stored nowhere: whoever can read this column (members, Realtime subscribers) cannot
+  -- present it to the fenced functions.
+  lease uuid,
   cancel_requested_at timestamptz,
   result_metadata jsonb,
   error text,
@@ -206,6 +219,16 @@ create index allocation_planner_runs_generating_idx
 -- Invariant 4b: the rolling-hour count per organisation.
 create index allocation_planner_runs_org_created_idx
   on public.allocation_planner_runs (organization_id, created_at);
+
+-- The last lease (its digest) of each run that was released, and when: what
+-- planner_engine.write_logs accepts for settings.log_grace after the run left GENERATING.
+-- Written only by the trigger planner_private.allocation_planner_runs_remember_lease; no API
+-- role or the engine can read it. Kept out of the runs row, which every UI subscriber reads.
+create table planner_private.released_leases (
+  run_id uuid primary key references public.allocation_planner_runs (id) on delete cascade,
+  lease uuid not null,
+  released_at timestamptz not null
+);
 
 -- -- the plan ------------------------------------------------------------------------------
 -- Every commit rewrites each line it keeps (planner_run_id, created_at: the run and the time

@@ -21,13 +21,65 @@ begin
 end
 $$;
 
+-- -- the lease -------------------------------------------------------------------------------
+-- The lease is a secret of the worker that claimed the run: claim_run returns it once and the
+-- runs table keeps only this digest (the first 128 bits of its SHA-256, as a uuid so the
+-- column and its constraints keep their type). Members and Realtime subscribers can read the
+-- column; a digest of 122 random bits cannot be turned back into a lease, so nobody but the
+-- holder can heartbeat, load, commit, finish or log for the run.
+create function planner_private.lease_digest(p_lease uuid)
+returns uuid
+language sql immutable strict set search_path = ''
+as $$
+  select pg_catalog.encode(
+           pg_catalog.substr(pg_catalog.sha256(pg_catalog.uuid_send(p_lease)), 1, 16),
+           'hex')::uuid
+$$;
+
+-- The same for a lease that arrives as JSON text: NULL (matches nothing) when it is not a
+-- uuid, so one malformed log record cannot fail a whole batch.
+create function planner_private.lease_digest_text(p_lease text)
+returns uuid
+language sql immutable strict set search_path = ''
+as $$
+  select case when p_lease operator(pg_catalog.~*)
+                   '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+              then planner_private.lease_digest(p_lease::uuid) end
+$$;
+
+-- AFTER UPDATE OF lease on allocation_planner_runs: remember the lease a run just gave up
+-- (commit, finish, re-queue, sweep, or an operator's UPDATE), for write_logs' grace period,
+-- and forget it when the run is claimed again (only the run's last lease has a grace). A
+-- trigger rather than a line in each function, so no release or claim path can forget it.
+create function planner_private.allocation_planner_runs_remember_lease()
+returns trigger
+language plpgsql security definer set search_path = ''
+as $$
+begin
+  if old.lease is null then
+    delete from planner_private.released_leases where run_id = new.id;
+  else
+    insert into planner_private.released_leases (run_id, lease, released_at)
+    values (old.id, old.lease, now())
+    on conflict (run_id) do update set lease = excluded.lease, released_at = excluded.released_at;
+  end if;
+  return null;
+end
+$$;
+create trigger remember_released_lease
+  after update of lease on public.allocation_planner_runs
+  for each row when (new.lease is distinct from old.lease)
+  execute function planner_private.allocation_planner_runs_remember_lease();
+
 -- -- claim -----------------------------------------------------------------------------------
+-- Returns the claimed run with `lease` set to the token itself (the row stores its digest).
 create function planner_engine.claim_run(p_worker_id text, p_run_id uuid default null)
 returns setof public.allocation_planner_runs
 language plpgsql volatile security definer set search_path = ''
 as $$
 declare
   v public.allocation_planner_runs;
+  v_lease uuid;
 begin
   if p_worker_id is null or length(btrim(p_worker_id)) = 0 then
     raise exception using errcode = '22023', message = 'claim_run needs a worker id';
@@ -63,17 +115,19 @@ begin
       continue;
     end if;
 
-    return query
-      update public.allocation_planner_runs r
-         set status = 'GENERATING',
-             attempts = r.attempts + 1,
-             worker_id = p_worker_id,
-             lease = gen_random_uuid(),
-             claimed_at = now(),
-             heartbeat_at = now(),
-             error = null
-       where r.id = v.id
-      returning r.*;
+    v_lease := gen_random_uuid();
+    update public.allocation_planner_runs r
+       set status = 'GENERATING',
+           attempts = r.attempts + 1,
+           worker_id = p_worker_id,
+           lease = planner_private.lease_digest(v_lease),
+           claimed_at = now(),
+           heartbeat_at = now(),
+           error = null
+     where r.id = v.id
+    returning r.* into v;
+    v.lease := v_lease;
+    return next v;
     return;
   end loop;
 end
@@ -90,7 +144,8 @@ as $$
     -- concurrent sweeper committed, so a heartbeat can never revive a swept run.
     update public.allocation_planner_runs r
        set heartbeat_at = now()
-     where r.id = p_run_id and r.status = 'GENERATING' and r.lease = p_lease
+     where r.id = p_run_id and r.status = 'GENERATING'
+       and r.lease = planner_private.lease_digest(p_lease)
     returning r.cancel_requested_at
   )
   select exists (select 1 from hb),
@@ -122,7 +177,8 @@ declare
   r public.allocation_planner_runs;
 begin
   select * into r from public.allocation_planner_runs where id = p_run_id;
-  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+  if not found or r.status <> 'GENERATING'
+     or r.lease is distinct from planner_private.lease_digest(p_lease) then
     perform planner_private.raise_lease_lost(p_run_id, r.status);
   end if;
 
@@ -188,7 +244,8 @@ begin
   -- Lock the run first: a sweeper or cancel arriving now waits for this transaction, and
   -- one that already committed has cleared the lease, which the check below sees.
   select * into r from public.allocation_planner_runs where id = p_run_id for update;
-  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+  if not found or r.status <> 'GENERATING'
+     or r.lease is distinct from planner_private.lease_digest(p_lease) then
     perform planner_private.raise_lease_lost(p_run_id, r.status);
   end if;
   if p_organization_id is distinct from r.organization_id then
@@ -229,7 +286,8 @@ begin
       hint = 'use commit_plan to complete a run';
   end if;
   select * into r from public.allocation_planner_runs where id = p_run_id for update;
-  if not found or r.status <> 'GENERATING' or r.lease is distinct from p_lease then
+  if not found or r.status <> 'GENERATING'
+     or r.lease is distinct from planner_private.lease_digest(p_lease) then
     perform planner_private.raise_lease_lost(p_run_id, r.status);
   end if;
   -- Re-queueing a run the user asked to stop would only restart it: cancel it instead.
@@ -253,50 +311,30 @@ end
 $$;
 
 -- -- logs --------------------------------------------------------------------------------------
-create function planner_engine.write_log(
-  p_planner_run_id uuid,
-  p_organization_id uuid,
-  p_level text,
-  p_message text,
-  p_context jsonb default '{}',
-  p_traceback text default null,
-  p_logged_at timestamptz default now()
-) returns void
-language plpgsql volatile security definer set search_path = ''
-as $$
-begin
-  if not exists (select 1 from public.allocation_planner_runs r
-                  where r.id = p_planner_run_id and r.organization_id = p_organization_id) then
-    raise exception using errcode = 'PL002',
-      message = format('planner run %s does not belong to organisation %s',
-                       p_planner_run_id, p_organization_id);
-  end if;
-  insert into public.planner_execution_logs
-    (planner_run_id, organization_id, logged_at, level, message, context, traceback)
-  values (p_planner_run_id, p_organization_id, coalesce(p_logged_at, now()),
-          upper(coalesce(p_level, 'INFO')), coalesce(p_message, ''),
-          coalesce(p_context, '{}'::jsonb), p_traceback);
-end
-$$;
-
--- The listener's batching sink. A record whose run does not exist or belongs to another
--- organisation is skipped (not written, not an error) so one bad record cannot lose a whole
--- batch; the return value is the number of rows written. An unknown level is stored as INFO
--- with the original level kept in context.level.
+-- The listener's batching sink, fenced on the lease like every other engine write. Each record
+-- is {"planner_run_id", "lease", "level", "message", "context", "traceback"}; it is written
+-- when its lease is the run's current one, or the run's last lease released less than
+-- settings.log_grace ago (the sink flushes in batches, so a run's last lines usually arrive
+-- after finish_run). Any other record (unknown run, forged or stale lease, not an object) is
+-- skipped, not an error, so one bad record cannot lose a whole batch; the return value is the
+-- number of rows written. The organisation is the run's, and logged_at is the database's
+-- now(): caller-supplied organisation ids and timestamps are ignored, so nobody can back-date
+-- a line. An unknown level is stored as INFO with the original level kept in context.level.
 create function planner_engine.write_logs(p_records jsonb)
 returns integer
 language plpgsql volatile security definer set search_path = ''
 as $$
 declare
   n integer;
+  v_grace interval;
 begin
   if p_records is null or jsonb_typeof(p_records) <> 'array' then
     raise exception using errcode = '22023', message = 'write_logs expects a JSON array of records';
   end if;
+  select s.log_grace into strict v_grace from planner_engine.settings s where s.id;
   insert into public.planner_execution_logs
     (planner_run_id, organization_id, logged_at, level, message, context, traceback)
-  select r.id, r.organization_id,
-         coalesce((x ->> 'logged_at')::timestamptz, now()),
+  select r.id, r.organization_id, now(),
          case when lv.level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')
               then lv.level else 'INFO' end,
          coalesce(x ->> 'message', ''),
@@ -304,15 +342,32 @@ begin
            || case when lv.level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')
                    then '{}'::jsonb else jsonb_build_object('level', x ->> 'level') end,
          x ->> 'traceback'
-    from jsonb_array_elements(p_records) x
-    cross join lateral (select upper(coalesce(x ->> 'level', 'INFO')) as level) lv
+    from jsonb_array_elements(p_records) with ordinality as xs(x, i)
+    cross join lateral (select upper(coalesce(x ->> 'level', 'INFO')) as level,
+                               planner_private.lease_digest_text(x ->> 'lease') as digest) lv
     join public.allocation_planner_runs r
       on r.id::text = lower(x ->> 'planner_run_id')
-     and r.organization_id::text = lower(x ->> 'organization_id')
-   where jsonb_typeof(x) = 'object';
+    left join planner_private.released_leases rl on rl.run_id = r.id
+   where jsonb_typeof(x) = 'object'
+     and ((r.status = 'GENERATING' and r.lease = lv.digest)
+          or (rl.lease = lv.digest and rl.released_at > now() - v_grace))
+   order by xs.i;
   get diagnostics n = row_count;
   return n;
 end
+$$;
+
+-- The listener's catch-up scan (Realtime is at-most-once): the oldest PENDING runs, their id
+-- and age only. The engine role reads no table; this is all it needs to find missed runs.
+create function planner_engine.pending_runs(p_limit integer)
+returns table (id uuid, created_at timestamptz)
+language sql stable security definer set search_path = ''
+as $$
+  select r.id, r.created_at
+    from public.allocation_planner_runs r
+   where r.status = 'PENDING'
+   order by r.created_at, r.id
+   limit least(greatest(coalesce(p_limit, 0), 0), 1000)
 $$;
 
 -- -- the listener's self-check ---------------------------------------------------------------
@@ -358,7 +413,8 @@ begin
     'planner_engine.load_problem(uuid, uuid)',
     'planner_engine.commit_plan(uuid, uuid, uuid, jsonb, jsonb)',
     'planner_engine.finish_run(uuid, uuid, text, text, jsonb)',
-    'planner_engine.write_logs(jsonb)'
+    'planner_engine.write_logs(jsonb)',
+    'planner_engine.pending_runs(integer)'
   ] loop
     check_name := 'execute ' || v_fn;
     severity := 'error';
@@ -371,13 +427,6 @@ begin
     end if;
     return next;
   end loop;
-
-  -- The catch-up scan reads the runs table directly.
-  check_name := 'select public.allocation_planner_runs';
-  severity := 'error';
-  ok := pg_catalog.has_table_privilege(v_login, 'public.allocation_planner_runs', 'select');
-  detail := case when ok then 'granted' else format('role %s may not read it', v_login) end;
-  return next;
 
   -- A superuser (or BYPASSRLS) login works, but a leaked listener credential would then be a
   -- full-database credential.
@@ -404,16 +453,21 @@ end
 $$;
 
 -- -- the sweeper -----------------------------------------------------------------------------
-create function planner_engine.sweep_stale_runs(
-  p_ttl interval default '90 seconds',
-  p_pending_ttl interval default '30 minutes'
+-- The sweep itself, for the owner (and superusers: tests, an operator's one-off sweep with
+-- other timeouts). NULL timeouts are the settings'.
+create function planner_private.sweep_stale_runs(
+  p_ttl interval default null,
+  p_pending_ttl interval default null
 ) returns integer
-language plpgsql volatile security definer set search_path = ''
+language plpgsql volatile set search_path = ''
 as $$
 declare
   n_stale integer;
   n_pending integer;
 begin
+  select coalesce(p_ttl, s.stale_run_ttl), coalesce(p_pending_ttl, s.pending_run_ttl)
+    into strict p_ttl, p_pending_ttl
+    from planner_engine.settings s where s.id;
   -- Single runner: an overlapping cron tick or a manual call just returns 0.
   if not pg_catalog.pg_try_advisory_xact_lock(
            pg_catalog.hashtextextended('planner_engine.sweep_stale_runs', 0)) then
@@ -487,6 +541,17 @@ begin
 
   return n_stale + n_pending;
 end
+$$;
+
+-- What the pg_cron job and the engine call: no arguments, the timeouts are the operator's
+-- (planner_engine.settings). With arguments, a stolen engine credential could fail every
+-- PENDING run at once (`sweep_stale_runs('0 seconds', '0 seconds')`).
+create function planner_engine.sweep_stale_runs()
+returns integer
+language sql volatile security definer set search_path = ''
+as $$
+  select planner_private.sweep_stale_runs(s.stale_run_ttl, s.pending_run_ttl)
+    from planner_engine.settings s where s.id
 $$;
 
 -- -- what users call ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@
 -- (`alter role planner_engine login password '...'`); `planner dev up` does so locally.
 -- Why not the service-role key: that key bypasses RLS and may write every table; a leaked
 -- listener credential would then be a full-database credential. planner_engine can only call
--- the fenced functions below and read planning inputs (docs/database.md).
+-- the functions below, and reads tenant data only through load_problem, which first checks
+-- the run's lease (docs/database.md, "Roles").
 do $$
 begin
   if not exists (select from pg_roles where rolname = 'planner_engine') then
@@ -19,7 +20,7 @@ begin
 end
 $$;
 comment on role planner_engine is
-  'Login role of the planner listener: EXECUTE on planner_engine.*, SELECT on inputs, no direct writes.';
+  'Login role of the planner listener: EXECUTE on planner_engine.*, SELECT on rule sets only, no direct writes.';
 
 -- -- table privileges -------------------------------------------------------------------------
 revoke all on public.organizations, public.organization_members,
@@ -30,6 +31,7 @@ revoke all on public.organizations, public.organization_members,
   from public, anon, authenticated, planner_engine;
 revoke all on all tables in schema planner_engine from public;
 revoke all on all tables in schema planner_private from public;
+revoke all on planner_private.released_leases from public, anon, authenticated, planner_engine;
 
 grant select on public.organizations, public.planner_rule_sets, public.job_lines,
   public.job_lines_history, public.planner_execution_logs
@@ -54,13 +56,11 @@ grant select, update (team_id, pinned) on public.rotations to authenticated;
 grant all on all tables in schema public to service_role;
 
 grant usage on schema planner_engine to planner_engine;
--- PostgreSQL 15 grants USAGE on `public` to PUBLIC by default, but a hosted project may have
--- tightened that; say it explicitly so the listener's catch-up query
--- (`select ... from public.allocation_planner_runs`) never depends on a default.
-grant usage on schema public to planner_engine;
-grant select on public.organizations, public.planner_rule_sets, public.allocation_runs,
-  public.terms, public.teams, public.team_demand, public.allocation_planner_runs
-  to planner_engine;
+-- The engine reads no tenant table: the problem comes from load_problem (fenced on the lease),
+-- the catch-up scan from pending_runs (ids and ages only). A stolen listener credential thus
+-- reads nothing of a tenant without a lease it could only get by claiming that tenant's
+-- PENDING run. Rule sets are global (no tenant's data).
+grant select on public.planner_rule_sets to planner_engine;
 
 -- -- function privileges ----------------------------------------------------------------------
 revoke all on all functions in schema planner_engine from public, anon, authenticated;
@@ -74,9 +74,9 @@ grant execute on function
   planner_engine.load_problem(uuid, uuid),
   planner_engine.commit_plan(uuid, uuid, uuid, jsonb, jsonb),
   planner_engine.finish_run(uuid, uuid, text, text, jsonb),
-  planner_engine.write_log(uuid, uuid, text, text, jsonb, text, timestamptz),
   planner_engine.write_logs(jsonb),
-  planner_engine.sweep_stale_runs(interval, interval),
+  planner_engine.pending_runs(integer),
+  planner_engine.sweep_stale_runs(),
   planner_engine.self_check(text)
   to planner_engine, service_role;
 grant usage on schema planner_engine to service_role;
@@ -98,7 +98,7 @@ grant execute on function planner_private.admit_privileged_run(uuid, uuid, integ
   to service_role;
 
 -- Sequences: the API roles write no table directly that needs one (log lines go through
--- planner_engine.write_log), so none of them may move a sequence; setval to its maximum would
+-- planner_engine.write_logs), so none of them may move a sequence; setval to its maximum would
 -- break every later insert. The scaffolding's default privileges (Supabase's: everything in
 -- `public` to anon, authenticated and service_role) are revoked for what the migrations'
 -- role creates from now on, so a future table, sequence or function starts closed and gets
@@ -141,7 +141,8 @@ create policy admins_delete on public.organization_members
 create policy everyone_signed_in_reads on public.planner_rule_sets
   for select to authenticated, planner_engine using (true);
 
--- Planning inputs: members read, planners and admins edit, the engine reads everything.
+-- Planning inputs: members read, planners and admins edit. The engine reads none of them
+-- directly: only through its lease-checked functions (30_engine.sql).
 do $$
 declare
   t text;
@@ -164,13 +165,9 @@ begin
       execute format('create policy planners_delete on public.%I for delete to authenticated '
                      'using (planner_private.can_plan(organization_id))', t);
     end if;
-    execute format('create policy engine_reads on public.%I for select to planner_engine '
-                   'using (true)', t);
   end loop;
 end
 $$;
-create policy engine_reads on public.organizations
-  for select to planner_engine using (true);
 
 create policy members_read on public.allocation_planner_runs
   for select to authenticated using (planner_private.is_member(organization_id));
@@ -178,8 +175,6 @@ create policy members_read on public.allocation_planner_runs
 -- coarse backstop.
 create policy planners_insert on public.allocation_planner_runs
   for insert to authenticated with check (planner_private.can_plan(organization_id));
-create policy engine_reads on public.allocation_planner_runs
-  for select to planner_engine using (true);
 
 create policy members_read on public.job_lines
   for select to authenticated using (planner_private.is_member(organization_id));

@@ -351,7 +351,7 @@ class Run:
     async def _sweep(self) -> None:
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
-                await self._bounded("select planner_engine.sweep_stale_runs($1::text::interval)",
+                await self._bounded("select planner_private.sweep_stale_runs($1::text::interval)",
                                     f"{SWEEP_TTL_S} seconds")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), SWEEP_PERIOD_S)
@@ -541,7 +541,7 @@ class Campaign:
 
     async def set_cron_ttl(self, ttl: str | None) -> None:
         command = (DEFAULT_CRON_COMMAND if ttl is None
-                   else f"select planner_engine.sweep_stale_runs('{ttl}')")
+                   else f"select planner_private.sweep_stale_runs('{ttl}')")
         await self.q().execute("select cron.schedule($1, '* * * * *', $2)", CRON_JOB, command)
 
     async def run(self, key: str, reps: int) -> Result:
@@ -856,14 +856,16 @@ async def s7_slow_db(c: Campaign, r: Run, reps: int) -> None:
             if mode == "sweeper-first/row":
                 await asyncio.sleep(ttl + 0.5)  # the heartbeat is blocked: stale now
                 sweep = asyncio.create_task(sweeper_conn.fetchval(
-                    "select planner_engine.sweep_stale_runs($1::text::interval)", f"{ttl} seconds"))
+                    "select planner_private.sweep_stale_runs($1::text::interval)",
+                    f"{ttl} seconds"))
                 await asyncio.sleep(0.3)
                 blocked = await _listener_waits_on_lock(c, 60)  # the commit queues after it
             else:
                 blocked = await _listener_waits_on_lock(c, 60)
                 await asyncio.sleep(ttl + 0.5)
                 sweep = asyncio.create_task(sweeper_conn.fetchval(
-                    "select planner_engine.sweep_stale_runs($1::text::interval)", f"{ttl} seconds"))
+                    "select planner_private.sweep_stale_runs($1::text::interval)",
+                    f"{ttl} seconds"))
             await asyncio.sleep(c.rnd.uniform(0.3, 1.5))
             await tx.rollback()
             holds.append(time.monotonic() - t_lock)

@@ -12,8 +12,9 @@ prints the same table (`python -m tests.db.test_attack_matrix` regenerates it fr
 * `denied`  - PostgreSQL refuses with 42501 (no privilege, or the row-level-security WITH CHECK)
 * `none`    - allowed to ask, but RLS shows/affects 0 of A's rows
 * `PLxxx` / `23503` - refused by the named product SQLSTATE / composite foreign key
-* `visible` - rows of A are readable *by design* (the engine solves every organisation's runs;
-              the rule-set catalogue is global, not tenant data)
+* `visible` - rows of A are readable *by design* (the rule-set catalogue is global, not tenant
+              data; the engine reads no tenant table, only what load_problem returns for a run
+              whose lease it holds)
 * `ok`      - the call succeeds *by design* and changes nothing of A's (see the row's note)
 
 Each cell runs in a transaction that is rolled back, so cells never influence each other.
@@ -47,7 +48,7 @@ OPS = ["select", "insert", "update", "delete"]
 D, N, V = "denied", "none", "visible"
 #: table -> {op: (anon, viewer_B, planner_B, admin_B, engine)}
 EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
-    "organizations": {"select": (D, N, N, N, V), "insert": (D, D, D, D, D),
+    "organizations": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
                       "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "organization_members": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
                              "update": (D, N, N, N, D), "delete": (D, N, N, N, D)},
@@ -55,15 +56,15 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
                                  "update": (D, D, D, D, D), "delete": (D, N, N, N, D)},
     "planner_rule_sets": {"select": (D, V, V, V, V), "insert": (D, D, D, D, D),
                           "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
-    "allocation_runs": {"select": (D, N, N, N, V), "insert": (D, D, D, D, D),
+    "allocation_runs": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
                         "update": (D, N, N, N, D), "delete": (D, N, N, N, D)},
-    "terms": {"select": (D, N, N, N, V), "insert": (D, D, D, D, D),
+    "terms": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
               "update": (D, N, N, N, D), "delete": (D, N, N, N, D)},
-    "teams": {"select": (D, N, N, N, V), "insert": (D, D, D, D, D),
+    "teams": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
               "update": (D, N, N, N, D), "delete": (D, N, N, N, D)},
-    "team_demand": {"select": (D, N, N, N, V), "insert": (D, D, D, D, D),
+    "team_demand": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
                     "update": (D, N, N, N, D), "delete": (D, N, N, N, D)},
-    "allocation_planner_runs": {"select": (D, N, N, N, V),
+    "allocation_planner_runs": {"select": (D, N, N, N, D),
                                 "insert": (D, "PL012", "PL012", "PL012", D),
                                 "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "job_lines": {"select": (D, N, N, N, D), "insert": (D, D, D, D, D),
@@ -76,6 +77,8 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
                                "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "planner_engine.settings": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
                                 "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    "planner_private.released_leases": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+                                        "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
 }
 
 #: function call (with A's objects) -> (anon, viewer_B, planner_B, admin_B, engine)
@@ -91,9 +94,14 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "planner_engine.commit_plan(A's run, own lease, B's org)": (D, D, D, D, "PL002"),
     "planner_engine.commit_plan(own B run, A's teams)": (D, D, D, D, "PL002"),
     "planner_engine.finish_run(A's run, forged lease)": (D, D, D, D, "PL001"),
-    "planner_engine.write_log(A's run, B's org)": (D, D, D, D, "PL002"),
-    "planner_engine.write_logs([A's run, B's org])": (D, D, D, D, "ok"),
+    "planner_engine.finish_run(A's run, the lease column as members read it)":
+        (D, D, D, D, "PL001"),
+    "planner_engine.write_logs([A's run, B's org, no lease])": (D, D, D, D, "ok"),
+    "planner_engine.write_logs([A's run, forged lease, back-dated CRITICAL])":
+        (D, D, D, D, "ok"),
+    "planner_engine.pending_runs(10)": (D, D, D, D, "ok"),
     "planner_engine.sweep_stale_runs()": (D, D, D, D, "ok"),
+    "planner_private.sweep_stale_runs('0 seconds', '0 seconds')": (D, D, D, D, D),
     "planner_engine.self_check()": (D, D, D, D, "ok"),
 }
 #: Why an `ok` cell is harmless (checked in the test, not only stated).
@@ -103,9 +111,16 @@ RPC_NOTES = {
         "stays A's and every later write is fenced on the new lease and A's organisation",
     "planner_engine.heartbeat(A's run, forged lease)":
         "answers lease_held = false and writes nothing",
-    "planner_engine.write_logs([A's run, B's org])": "the record is skipped: 0 rows written",
+    "planner_engine.write_logs([A's run, B's org, no lease])":
+        "the record is skipped: 0 rows written",
+    "planner_engine.write_logs([A's run, forged lease, back-dated CRITICAL])":
+        "the record is skipped: 0 rows written (and logged_at is the database's now())",
+    "planner_engine.pending_runs(10)":
+        "ids and creation times of PENDING runs, what the catch-up scan needs to claim them; "
+        "no other column, no write",
     "planner_engine.sweep_stale_runs()":
-        "the engine may run the sweeper; it only touches runs past the TTL",
+        "the engine may run the sweeper; it passes no timeouts, those of "
+        "planner_engine.settings apply, so it only touches runs past them",
     "planner_engine.self_check()":
         "reports the login's own grants and the newest migration's version: no tenant data, "
         "writes nothing",
@@ -121,21 +136,22 @@ SEL, CRUD = "select", "select,insert,update,delete"
 #: object -> privileges of (anon, authenticated, planner_engine), as `privileges_of` spells
 #: them: table privileges comma-separated, a column-only grant as `update(col,...)`.
 PRIVILEGES: dict[str, tuple[str, str, str]] = {
-    "public.organizations": ("", SEL, SEL),
+    "public.organizations": ("", SEL, ""),
     "public.organization_members": ("", "select,delete,update(role)", ""),
     "public.organization_invitations": ("", "select,delete", ""),
     "public.planner_rule_sets": ("", SEL, SEL),
-    "public.allocation_runs": ("", CRUD, SEL),
-    "public.terms": ("", CRUD, SEL),
-    "public.teams": ("", CRUD, SEL),
-    "public.team_demand": ("", CRUD, SEL),
-    "public.allocation_planner_runs": ("", "select,insert", SEL),
+    "public.allocation_runs": ("", CRUD, ""),
+    "public.terms": ("", CRUD, ""),
+    "public.teams": ("", CRUD, ""),
+    "public.team_demand": ("", CRUD, ""),
+    "public.allocation_planner_runs": ("", "select,insert", ""),
     "public.job_lines": ("", SEL, ""),
     "public.rotations": ("", "select,update(pinned,team_id)", ""),
     "public.job_lines_history": ("", SEL, ""),
     "public.planner_execution_logs": ("", SEL, ""),
     "public.planner_execution_logs_id_seq": ("", "", ""),
     "planner_engine.settings": ("", "", ""),
+    "planner_private.released_leases": ("", "", ""),
     "public.request_cancel(uuid)": ("", "execute", ""),
     "public.restore_job_lines(uuid)": ("", "execute", ""),
     "public.invite_member(uuid,text,text)": ("", "execute", ""),
@@ -145,10 +161,9 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_engine.load_problem(uuid,uuid)": ("", "", "execute"),
     "planner_engine.commit_plan(uuid,uuid,uuid,jsonb,jsonb)": ("", "", "execute"),
     "planner_engine.finish_run(uuid,uuid,text,text,jsonb)": ("", "", "execute"),
-    "planner_engine.write_log(uuid,uuid,text,text,jsonb,text,timestamp with time zone)":
-        ("", "", "execute"),
     "planner_engine.write_logs(jsonb)": ("", "", "execute"),
-    "planner_engine.sweep_stale_runs(interval,interval)": ("", "", "execute"),
+    "planner_engine.pending_runs(integer)": ("", "", "execute"),
+    "planner_engine.sweep_stale_runs()": ("", "", "execute"),
     "planner_engine.self_check(text)": ("", "", "execute"),
     "planner_private.has_role(uuid,text[])": ("", "execute", ""),
     "planner_private.is_member(uuid)": ("", "execute", ""),
@@ -174,6 +189,10 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_private.caller_email()": ("", "execute", ""),
     # service_role only: `planner history purge` (tests/db/test_history_append_only.py)
     "planner_private.purge_history(uuid)": ("", "", ""),
+    "planner_private.lease_digest(uuid)": ("", "", ""),
+    "planner_private.lease_digest_text(text)": ("", "", ""),
+    "planner_private.allocation_planner_runs_remember_lease()": ("", "", ""),
+    "planner_private.sweep_stale_runs(interval,interval)": ("", "", ""),
 }
 #: Supabase's own objects (the scaffolding stands in for a hosted project): not the
 #: migrations' to decide, listed once so that nothing else can hide among them.
@@ -186,7 +205,6 @@ SUPABASE_OWNED = frozenset({
 #: (table, policy) -> (command, roles).
 POLICIES: dict[tuple[str, str], tuple[str, str]] = {
     ("public.organizations", "members_read"): ("SELECT", "authenticated"),
-    ("public.organizations", "engine_reads"): ("SELECT", "planner_engine"),
     ("public.organization_members", "members_read"): ("SELECT", "authenticated"),
     ("public.organization_members", "admins_update"): ("UPDATE", "authenticated"),
     ("public.organization_members", "admins_delete"): ("DELETE", "authenticated"),
@@ -198,8 +216,7 @@ POLICIES: dict[tuple[str, str], tuple[str, str]] = {
        for t in ("allocation_runs", "terms", "teams", "team_demand")
        for name, cmd, role in (("members_read", "SELECT", "authenticated"),
                                ("planners_insert", "INSERT", "authenticated"),
-                               ("planners_update", "UPDATE", "authenticated"),
-                               ("engine_reads", "SELECT", "planner_engine"))},
+                               ("planners_update", "UPDATE", "authenticated"))},
     # deleting allocation runs and terms removes rotations of a plan: admins only
     **{(f"public.{t}", "admins_delete"): ("DELETE", "authenticated")
        for t in ("allocation_runs", "terms")},
@@ -207,7 +224,6 @@ POLICIES: dict[tuple[str, str], tuple[str, str]] = {
        for t in ("teams", "team_demand")},
     ("public.allocation_planner_runs", "members_read"): ("SELECT", "authenticated"),
     ("public.allocation_planner_runs", "planners_insert"): ("INSERT", "authenticated"),
-    ("public.allocation_planner_runs", "engine_reads"): ("SELECT", "planner_engine"),
     ("public.job_lines", "members_read"): ("SELECT", "authenticated"),
     ("public.rotations", "members_read"): ("SELECT", "authenticated"),
     ("public.rotations", "planners_update"): ("UPDATE", "authenticated"),
@@ -346,6 +362,7 @@ class Fixture:
     pending_run: str  # A, PENDING
     gen_run: str  # A, GENERATING (lease known only to the superuser)
     gen_lease: str
+    gen_lease_column: str  # what a member (or a Realtime subscriber) reads in runs.lease
     snapshot: str  # A's snapshot
     b_gen_run: str  # B, GENERATING, lease known
     b_gen_lease: str
@@ -362,7 +379,8 @@ async def fx(su: asyncpg.Connection, world: World) -> Fixture:
         assert c is not None
         snap = await su.fetchval("select planner_engine.commit_plan($1, $2, $3, $4, '{}')::text",
                                  run, c["lease"], a.id, plan_json(a, a.terms, offset=offset))
-        await su.execute("select planner_engine.write_log($1, $2, 'INFO', 'hello')", run, a.id)
+        await su.execute("insert into planner_execution_logs (planner_run_id, organization_id,"
+                         " level, message) values ($1, $2, 'INFO', 'hello')", run, a.id)
     pending = await insert_run(su, a.id, a.allocation_run_id)
     ar2, _ = await new_allocation_run(su, a.id, teams=a.teams)
     gen = await insert_run(su, a.id, ar2)
@@ -373,14 +391,16 @@ async def fx(su: asyncpg.Connection, world: World) -> Fixture:
     assert cb is not None
     invitation = await su.fetchval(
         "select public.invite_member($1, 'invitee@example.test', 'viewer')::text", a.id)
-    return Fixture(world, pending, gen, str(cg["lease"]), str(snap), b_run, str(cb["lease"]),
-                   b.terms, str(invitation))
+    column = str(await su.fetchval("select lease from allocation_planner_runs where id = $1", gen))
+    return Fixture(world, pending, gen, str(cg["lease"]), column, str(snap), b_run,
+                   str(cb["lease"]), b.terms, str(invitation))
 
 
 def _a_filter(table: str) -> str:
     if table == "organizations":
         return "id = $1"
-    if table in ("planner_rule_sets", "planner_engine.settings"):
+    if table in ("planner_rule_sets", "planner_engine.settings",
+                 "planner_private.released_leases"):
         return "$1::uuid is not null"
     return "organization_id = $1"
 
@@ -421,6 +441,9 @@ def _insert_sql(table: str, f: Fixture) -> tuple[str, list[Any]]:
             "insert into planner_execution_logs (planner_run_id, organization_id, level,"
             " message) values ($1, $2, 'INFO', 'x')", [f.pending_run, a.id]),
         "planner_engine.settings": ("insert into planner_engine.settings default values", []),
+        "planner_private.released_leases": (
+            "insert into planner_private.released_leases values ($1, gen_random_uuid(), now())",
+            [f.pending_run]),
     }[table]
 
 
@@ -428,7 +451,8 @@ _SET = {"organizations": "name = name", "organization_members": "role = role",
         "organization_invitations": "role = role",
         "planner_rule_sets": "description = description", "rotations": "pinned = pinned",
         "allocation_planner_runs": "n_job_lines = n_job_lines",
-        "planner_engine.settings": "max_attempts = max_attempts"}
+        "planner_engine.settings": "max_attempts = max_attempts",
+        "planner_private.released_leases": "released_at = released_at"}
 
 
 async def _as_actor(
@@ -534,20 +558,34 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
             await conn.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",
                                f.b_gen_run, f.b_gen_lease, b.id,
                                plan_json(a, f.b_terms))  # B's terms, A's teams
-        elif name.startswith("planner_engine.finish_run"):
+        elif name == "planner_engine.finish_run(A's run, forged lease)":
             await conn.execute("select planner_engine.finish_run($1, $2, 'FAILED')",
                                f.gen_run, forged)
-        elif name.startswith("planner_engine.write_logs"):
+        elif name.startswith("planner_engine.finish_run(A's run, the lease column"):
+            await conn.execute("select planner_engine.finish_run($1, $2, 'FAILED')",
+                               f.gen_run, f.gen_lease_column)
+        elif name.startswith("planner_engine.write_logs([A's run, B's org"):
             n = await conn.fetchval(
                 "select planner_engine.write_logs($1::jsonb)",
                 json.dumps([{"planner_run_id": f.gen_run, "organization_id": b.id,
                              "level": "INFO", "message": "forged"}]))
             assert n == 0
-        elif name.startswith("planner_engine.write_log"):
-            await conn.execute("select planner_engine.write_log($1, $2, 'INFO', 'forged')",
-                               f.gen_run, b.id)
+        elif name.startswith("planner_engine.write_logs([A's run, forged lease"):
+            n = await conn.fetchval(
+                "select planner_engine.write_logs($1::jsonb)",
+                json.dumps([{"planner_run_id": f.gen_run, "lease": forged,
+                             "level": "CRITICAL", "message": "forged",
+                             "logged_at": "2020-01-01T00:00:00Z"}]))
+            assert n == 0
+        elif name.startswith("planner_engine.pending_runs"):
+            rows = await conn.fetch("select * from planner_engine.pending_runs(10)")
+            assert [sorted(r.keys()) for r in rows] == [["created_at", "id"]] * len(rows)
+            assert f.pending_run in {str(r["id"]) for r in rows}
         elif name.startswith("planner_engine.sweep_stale_runs"):
             await conn.fetchval("select planner_engine.sweep_stale_runs()")
+        elif name.startswith("planner_private.sweep_stale_runs"):
+            await conn.fetchval(
+                "select planner_private.sweep_stale_runs('0 seconds', '0 seconds')")
         elif name.startswith("planner_engine.self_check"):
             rows = await conn.fetch("select * from planner_engine.self_check(null)")
             text = json.dumps([dict(r) for r in rows])

@@ -42,7 +42,8 @@ async def filled(su: asyncpg.Connection, world: World) -> World:
     assert c2 is not None
     await su.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",
                      run2, c2["lease"], a.id, plan_json(a, a.terms, offset=1))
-    await su.execute("select planner_engine.write_log($1, $2, 'INFO', 'hello')", run2, a.id)
+    await su.execute("insert into planner_execution_logs (planner_run_id, organization_id, level,"
+                     " message) values ($1, $2, 'INFO', 'hello')", run2, a.id)
     for table in TENANT_TABLES:
         col = "id" if table == "organizations" else "organization_id"
         assert await su.fetchval(f"select count(*) from {table} where {col} = $1", a.id) > 0
@@ -247,13 +248,18 @@ async def test_engine_cannot_commit_a_lines_into_b(
     async with expect_sqlstate("PL002"):
         await engine.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",
                              run, lease, b.id, plan_json(a, terms))
-    # ...and logs for B's run under A's name
-    async with expect_sqlstate("PL002"):
-        await engine.execute("select planner_engine.write_log($1, $2, 'INFO', 'x')", run, a.id)
+    # ...and logs for B's run under A's name: the line is B's (the run's organisation), and
+    # without the run's lease nothing is written at all
     assert await engine.fetchval(
         "select planner_engine.write_logs($1)",
         json.dumps([{"planner_run_id": run, "organization_id": a.id, "level": "INFO",
                      "message": "cross"}])) == 0
+    assert await engine.fetchval(
+        "select planner_engine.write_logs($1)",
+        json.dumps([{"planner_run_id": run, "lease": str(lease), "organization_id": a.id,
+                     "level": "INFO", "message": "cross"}])) == 1
+    assert await su.fetchval("select organization_id::text from planner_execution_logs"
+                             " where planner_run_id = $1 and message = 'cross'", run) == b.id
     assert await su.fetchval("select count(*) from job_lines where allocation_run_id = $1", ar) == 0
     # The run is still ours and a correct plan goes through.
     await engine.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",

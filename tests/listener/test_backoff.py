@@ -85,7 +85,8 @@ async def test_the_run_log_sink_backs_off_while_the_database_refuses() -> None:
     sink.install()
     try:
         with logger.contextualize(planner_run_id=str(uuid.uuid4()),
-                                  organization_id=str(uuid.uuid4())):
+                                  organization_id=str(uuid.uuid4()),
+                                  planner_lease=str(uuid.uuid4())):
             logger.info("a run's record")
     finally:
         sink.uninstall()

@@ -271,7 +271,7 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
         "select nullif(heartbeat_at < now() - interval '1 second', false)"
         " from allocation_planner_runs where id = $1", run_id), 15,
         "the killed listener's run still has a fresh heartbeat")
-    swept = await db.fetchval("select planner_engine.sweep_stale_runs('1 second')")
+    swept = await db.fetchval("select planner_private.sweep_stale_runs('1 second')")
     assert swept >= 1
     row = await run_row(db, run_id)
     logs = await logs_of(db, run_id, "Timeout")
@@ -387,7 +387,7 @@ async def test_lease_lost_mid_solve_writes_nothing_and_the_run_is_redone(
     run_id = await start_run(db, big, {"time_limit_seconds": 4})
     await wait_for_status(db, run_id, {"GENERATING"}, 30)
     await proc.wait_solving()  # the lease is lost mid-solve
-    assert await db.fetchval("select planner_engine.sweep_stale_runs('0 seconds')") >= 1
+    assert await db.fetchval("select planner_private.sweep_stale_runs('0 seconds')") >= 1
     row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
     assert row["status"] == "COMPLETED" and row["attempts"] == 2, row
     snapshots = await db.fetchval(

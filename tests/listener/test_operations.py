@@ -19,7 +19,6 @@ from listener.db import EngineDB
 from listener.logs import RunLogSink
 from tests.listener.conftest import ListenerFactory
 from tests.support.harness import TERMINAL, insert_run, run_row, until, wait_for_status
-from tests.support.roles import acting_as
 
 
 async def _pending_run(db: asyncpg.Connection, org: SeededOrganization) -> str:
@@ -35,11 +34,15 @@ async def test_run_logs_survive_a_database_hiccup_and_drops_are_counted(
     org = orgs[7]
     run_id = await _pending_run(db, org)
     engine = await EngineDB.connect(engine_url)
+    claimed = await engine.claim("log-test", uuid.UUID(run_id))  # log lines need the lease
+    assert claimed is not None
+    bound = {"planner_run_id": run_id, "organization_id": org.id,
+             "planner_lease": str(claimed.lease)}
     sink = RunLogSink(capacity=8, batch=3)
     sink.install("INFO")
     dropped_before = metrics.LOG_RECORDS_DROPPED._value.get()
     try:
-        with logger.contextualize(planner_run_id=run_id, organization_id=org.id):
+        with logger.contextualize(**bound):
             for i in range(5):
                 logger.info("before the hiccup {}", i)
         logger.info("no run bound: never written to the run log")
@@ -49,7 +52,7 @@ async def test_run_logs_survive_a_database_hiccup_and_drops_are_counted(
                          " from planner_engine")
         assert await sink.flush(engine) is False
         assert sink.pending() == 5, "records are kept through the outage"
-        with logger.contextualize(planner_run_id=run_id, organization_id=org.id):
+        with logger.contextualize(**bound):
             for i in range(5):
                 logger.warning("during the hiccup {}", i)
         assert sink.pending() == 8 and sink.dropped == 2, "bounded: oldest dropped, counted"
@@ -79,8 +82,8 @@ async def test_run_logs_survive_a_database_hiccup_and_drops_are_counted(
         sink.uninstall()
         await engine.close()
         # The run only carried the logs: take it out of later tests' queues.
-        async with acting_as(db, "authenticated", sub=org.planner.id) as c:
-            await c.execute("select public.request_cancel($1)", run_id)
+        await db.execute("select planner_engine.finish_run($1, $2, 'CANCELLED')",
+                         uuid.UUID(run_id), claimed.lease)
     messages = [r["message"] for r in rows]
     assert messages == [f"before the hiccup {i}" for i in range(2, 5)] + [
         f"during the hiccup {i}" for i in range(5)

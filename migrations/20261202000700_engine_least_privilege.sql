@@ -1,0 +1,578 @@
+-- Issue 14, finding 3: least privilege for the engine. Mirrors migrations/schema/10_tables.sql,
+-- 30_engine.sql and 40_access.sql.
+-- * the lease is a secret of its holder: runs.lease keeps only its digest, claim_run returns
+--   the token; the last released lease (digest) lives in planner_private.released_leases;
+-- * the engine reads no tenant table: SELECT revoked, pending_runs() for the catch-up scan;
+-- * sweep_stale_runs takes no arguments from the engine: timeouts in planner_engine.settings;
+-- * write_logs is fenced on the lease (with a grace after the release), timestamps are now().
+
+alter table planner_engine.settings
+  add column stale_run_ttl interval not null default '90 seconds' check (stale_run_ttl > interval '0'),
+  add column pending_run_ttl interval not null default '30 minutes' check (pending_run_ttl > interval '0'),
+  add column log_grace interval not null default '2 minutes' check (log_grace >= interval '0');
+
+create table planner_private.released_leases (
+  run_id uuid primary key references public.allocation_planner_runs (id) on delete cascade,
+  lease uuid not null,
+  released_at timestamptz not null
+);
+revoke all on planner_private.released_leases from public, anon, authenticated, planner_engine;
+
+-- -- the lease -------------------------------------------------------------------------------
+-- The lease is a secret of the worker that claimed the run: claim_run returns it once and the
+-- runs table keeps only this digest (the first 128 bits of its SHA-256, as a uuid so the
+-- column and its constraints keep their type). Members and Realtime subscribers can read the
+-- column; a digest of 122 random bits cannot be turned back into a lease, so nobody but the
+-- holder can heartbeat, load, commit, finish or log for the run.
+create function planner_private.lease_digest(p_lease uuid)
+returns uuid
+language sql immutable strict set search_path = ''
+as $$
+  select pg_catalog.encode(
+           pg_catalog.substr(pg_catalog.sha256(pg_catalog.uuid_send(p_lease)), 1, 16),
+           'hex')::uuid
+$$;
+
+-- The same for a lease that arrives as JSON text: NULL (matches nothing) when it is not a
+-- uuid, so one malformed log record cannot fail a whole batch.
+create function planner_private.lease_digest_text(p_lease text)
+returns uuid
+language sql immutable strict set search_path = ''
+as $$
+  select case when p_lease operator(pg_catalog.~*)
+                   '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+              then planner_private.lease_digest(p_lease::uuid) end
+$$;
+
+-- Leases handed out before this migration were stored as they are: store their digests, so the
+-- workers holding them (they present the token) keep their runs across the deploy.
+update public.allocation_planner_runs set lease = planner_private.lease_digest(lease)
+ where lease is not null;
+
+-- AFTER UPDATE OF lease on allocation_planner_runs: remember the lease a run just gave up
+-- (commit, finish, re-queue, sweep, or an operator's UPDATE), for write_logs' grace period,
+-- and forget it when the run is claimed again (only the run's last lease has a grace). A
+-- trigger rather than a line in each function, so no release or claim path can forget it.
+create function planner_private.allocation_planner_runs_remember_lease()
+returns trigger
+language plpgsql security definer set search_path = ''
+as $$
+begin
+  if old.lease is null then
+    delete from planner_private.released_leases where run_id = new.id;
+  else
+    insert into planner_private.released_leases (run_id, lease, released_at)
+    values (old.id, old.lease, now())
+    on conflict (run_id) do update set lease = excluded.lease, released_at = excluded.released_at;
+  end if;
+  return null;
+end
+$$;
+create trigger remember_released_lease
+  after update of lease on public.allocation_planner_runs
+  for each row when (new.lease is distinct from old.lease)
+  execute function planner_private.allocation_planner_runs_remember_lease();
+
+-- -- claim -----------------------------------------------------------------------------------
+-- Returns the claimed run with `lease` set to the token itself (the row stores its digest).
+create or replace function planner_engine.claim_run(p_worker_id text, p_run_id uuid default null)
+returns setof public.allocation_planner_runs
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  v public.allocation_planner_runs;
+  v_lease uuid;
+begin
+  if p_worker_id is null or length(btrim(p_worker_id)) = 0 then
+    raise exception using errcode = '22023', message = 'claim_run needs a worker id';
+  end if;
+  loop
+    -- SKIP LOCKED: concurrent claimers each get a different run (or none) without waiting.
+    select * into v
+      from public.allocation_planner_runs r
+     where r.status = 'PENDING' and (p_run_id is null or r.id = p_run_id)
+     order by r.created_at, r.id
+     limit 1
+       for update skip locked;
+    if not found then
+      return;
+    end if;
+
+    if v.attempts >= v.max_attempts then
+      -- A poison run (killed its workers max_attempts times) ends here, not in a loop.
+      update public.allocation_planner_runs
+         set status = 'FAILED', finished_at = now(),
+             error = format('gave up after %s attempts', v.attempts)
+       where id = v.id;
+      insert into public.planner_execution_logs
+        (planner_run_id, organization_id, level, message, context)
+      values (v.id, v.organization_id, 'ERROR',
+              format('Gave up: the run was claimed %s times (max_attempts %s) without finishing',
+                     v.attempts, v.max_attempts),
+              jsonb_build_object('event', 'max_attempts', 'attempts', v.attempts,
+                                 'max_attempts', v.max_attempts, 'worker_id', p_worker_id));
+      if p_run_id is not null then
+        return;
+      end if;
+      continue;
+    end if;
+
+    v_lease := gen_random_uuid();
+    update public.allocation_planner_runs r
+       set status = 'GENERATING',
+           attempts = r.attempts + 1,
+           worker_id = p_worker_id,
+           lease = planner_private.lease_digest(v_lease),
+           claimed_at = now(),
+           heartbeat_at = now(),
+           error = null
+     where r.id = v.id
+    returning r.* into v;
+    v.lease := v_lease;
+    return next v;
+    return;
+  end loop;
+end
+$$;
+
+-- -- heartbeat ------------------------------------------------------------------------------
+-- Exactly one row. lease_held = false means: stop solving, the run is not yours any more.
+create or replace function planner_engine.heartbeat(p_run_id uuid, p_lease uuid)
+returns table (lease_held boolean, cancel_requested boolean)
+language sql volatile security definer set search_path = ''
+as $$
+  with hb as (
+    -- Fenced like every engine write: the WHERE is re-checked against the row version a
+    -- concurrent sweeper committed, so a heartbeat can never revive a swept run.
+    update public.allocation_planner_runs r
+       set heartbeat_at = now()
+     where r.id = p_run_id and r.status = 'GENERATING'
+       and r.lease = planner_private.lease_digest(p_lease)
+    returning r.cancel_requested_at
+  )
+  select exists (select 1 from hb),
+         coalesce((select hb.cancel_requested_at is not null from hb),
+                  (select r.cancel_requested_at is not null
+                     from public.allocation_planner_runs r where r.id = p_run_id),
+                  false)
+$$;
+
+-- -- the problem -----------------------------------------------------------------------------
+-- Returns exactly the solver's Problem JSON (solver/problem.py: Problem, Team, PreviousPlan,
+-- Options; those models refuse unknown keys), so the listener validates it as is:
+-- * "teams" are the teams with demand in this allocation run PLUS the teams the current plan
+--   uses: a manager can move a rotation to a team without demand, and previous_plan may only
+--   name listed teams;
+-- * a team without a site has "site": null ('' in the column means none as well); subspecialty
+--   needs no default, the column is NOT NULL and non-blank (the 25 % rule groups by it);
+-- * "previous_plan" leaves out lines beyond n_job_lines: asking for fewer lines than the
+--   current plan has is a normal request; the surplus lines (and their pins) are not part of
+--   the problem, the new plan has no such lines and the old ones stay in job_lines_history.
+--   JSON null when no line is left;
+-- * the UI's column `constraints` becomes "rule_sets" here, and only here;
+-- * "options" is the column as stored (NOT NULL, an object; '{}' by default).
+create or replace function planner_engine.load_problem(p_run_id uuid, p_lease uuid)
+returns jsonb
+language plpgsql stable security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+begin
+  select * into r from public.allocation_planner_runs where id = p_run_id;
+  if not found or r.status <> 'GENERATING'
+     or r.lease is distinct from planner_private.lease_digest(p_lease) then
+    perform planner_private.raise_lease_lost(p_run_id, r.status);
+  end if;
+
+  return jsonb_build_object(
+    'terms', (
+      select coalesce(jsonb_agg(jsonb_build_object(
+               'id', t.id::text, 'name', t.name, 'weeks', t.weeks) order by t.ordinal), '[]')
+        from public.terms t where t.allocation_run_id = r.allocation_run_id),
+    'teams', (
+      select coalesce(jsonb_agg(jsonb_build_object(
+               'id', tm.id::text, 'name', tm.name, 'specialty', tm.specialty,
+               'subspecialty', tm.subspecialty, 'kind', tm.kind,
+               'experiences', to_jsonb(tm.experiences), 'site', nullif(tm.site, ''),
+               'rural', tm.rural, 'tags', to_jsonb(tm.tags)) order by tm.name, tm.id), '[]')
+        from public.teams tm
+       where tm.organization_id = r.organization_id
+         and (exists (select 1 from public.team_demand d
+                       where d.allocation_run_id = r.allocation_run_id and d.team_id = tm.id)
+              -- through the lines: rotations has no index on team_id (10_tables.sql)
+              or tm.id in (select ro.team_id
+                             from public.job_lines l
+                             join public.rotations ro on ro.job_line_id = l.id
+                            where l.allocation_run_id = r.allocation_run_id))),
+    'demand', (
+      select coalesce(jsonb_agg(jsonb_build_object(
+               'team', d.team_id::text, 'term', d.term_id::text,
+               'min', d.min_lines, 'max', d.max_lines) order by tm.name, t.ordinal), '[]')
+        from public.team_demand d
+        join public.teams tm on tm.id = d.team_id
+        join public.terms t on t.id = d.term_id
+       where d.allocation_run_id = r.allocation_run_id),
+    'n_job_lines', r.n_job_lines,
+    'rule_sets', to_jsonb(r.constraints),
+    'previous_plan', (
+      select jsonb_build_object('lines', jsonb_agg(x order by (x ->> 'line')::integer))
+        from jsonb_array_elements(
+               planner_private.current_plan(r.allocation_run_id, false) -> 'lines') x
+       where (x ->> 'line')::integer <= r.n_job_lines
+      having count(*) > 0),
+    'options', r.options);
+end
+$$;
+
+-- -- results ---------------------------------------------------------------------------------
+-- The listener's one write of a solved plan, p_plan in the shape of planner_private.check_plan
+-- ({"lines": [{line, rotations: {term: team}, pinned: [term]}]}): fenced on the lease (PL001),
+-- checked (PL002, PL004), the old plan snapshotted and replaced set-based (replace_plan), the
+-- run COMPLETED, all in the caller's one transaction. Returns the snapshot id (NULL when the
+-- allocation run had no lines yet).
+create or replace function planner_engine.commit_plan(
+  p_run_id uuid,
+  p_lease uuid,
+  p_organization_id uuid,
+  p_plan jsonb,
+  p_result_metadata jsonb
+) returns uuid
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+  v_snapshot uuid;
+begin
+  -- Lock the run first: a sweeper or cancel arriving now waits for this transaction, and
+  -- one that already committed has cleared the lease, which the check below sees.
+  select * into r from public.allocation_planner_runs where id = p_run_id for update;
+  if not found or r.status <> 'GENERATING'
+     or r.lease is distinct from planner_private.lease_digest(p_lease) then
+    perform planner_private.raise_lease_lost(p_run_id, r.status);
+  end if;
+  if p_organization_id is distinct from r.organization_id then
+    raise exception using errcode = 'PL002',
+      message = format('planner run %s belongs to organisation %s, not %s',
+                       p_run_id, r.organization_id, p_organization_id),
+      hint = 'pass the organization_id of the claimed run';
+  end if;
+
+  v_snapshot := planner_private.replace_plan(
+    r.allocation_run_id, r.organization_id, p_plan, r.id, null, null);
+
+  update public.allocation_planner_runs
+     set status = 'COMPLETED', finished_at = now(), lease = null, error = null,
+         result_metadata = coalesce(p_result_metadata, '{}'::jsonb)
+   where id = p_run_id;
+  return v_snapshot;
+end
+$$;
+
+create or replace function planner_engine.finish_run(
+  p_run_id uuid,
+  p_lease uuid,
+  p_status text,
+  p_error text default null,
+  p_result_metadata jsonb default null
+) returns void
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+  v_status text := p_status;
+begin
+  if p_status is null or p_status not in ('FAILED', 'INFEASIBLE', 'CANCELLED', 'PENDING') then
+    raise exception using errcode = '22023',
+      message = format('finish_run: status must be FAILED, INFEASIBLE, CANCELLED or PENDING, '
+                       'not %s', coalesce(p_status, 'NULL')),
+      hint = 'use commit_plan to complete a run';
+  end if;
+  select * into r from public.allocation_planner_runs where id = p_run_id for update;
+  if not found or r.status <> 'GENERATING'
+     or r.lease is distinct from planner_private.lease_digest(p_lease) then
+    perform planner_private.raise_lease_lost(p_run_id, r.status);
+  end if;
+  -- Re-queueing a run the user asked to stop would only restart it: cancel it instead.
+  if v_status = 'PENDING' and r.cancel_requested_at is not null then
+    v_status := 'CANCELLED';
+  end if;
+  update public.allocation_planner_runs
+     set status = v_status,
+         lease = null,
+         -- A graceful re-queue (SIGTERM, deploy) is not the run's fault: give the attempt back
+         -- so rolling deploys cannot push a healthy run to max_attempts. Crashes are still
+         -- counted, because only the sweeper re-queues those.
+         attempts = case when v_status = 'PENDING' then greatest(r.attempts - 1, 0)
+                         else r.attempts end,
+         worker_id = case when v_status = 'PENDING' then null else r.worker_id end,
+         finished_at = case when v_status = 'PENDING' then null else now() end,
+         error = p_error,
+         result_metadata = coalesce(p_result_metadata, r.result_metadata)
+   where id = p_run_id;
+end
+$$;
+
+drop function planner_engine.write_log(uuid, uuid, text, text, jsonb, text, timestamptz);
+
+-- -- logs --------------------------------------------------------------------------------------
+-- The listener's batching sink, fenced on the lease like every other engine write. Each record
+-- is {"planner_run_id", "lease", "level", "message", "context", "traceback"}; it is written
+-- when its lease is the run's current one, or the run's last lease released less than
+-- settings.log_grace ago (the sink flushes in batches, so a run's last lines usually arrive
+-- after finish_run). Any other record (unknown run, forged or stale lease, not an object) is
+-- skipped, not an error, so one bad record cannot lose a whole batch; the return value is the
+-- number of rows written. The organisation is the run's, and logged_at is the database's
+-- now(): caller-supplied organisation ids and timestamps are ignored, so nobody can back-date
+-- a line. An unknown level is stored as INFO with the original level kept in context.level.
+create or replace function planner_engine.write_logs(p_records jsonb)
+returns integer
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  n integer;
+  v_grace interval;
+begin
+  if p_records is null or jsonb_typeof(p_records) <> 'array' then
+    raise exception using errcode = '22023', message = 'write_logs expects a JSON array of records';
+  end if;
+  select s.log_grace into strict v_grace from planner_engine.settings s where s.id;
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, logged_at, level, message, context, traceback)
+  select r.id, r.organization_id, now(),
+         case when lv.level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')
+              then lv.level else 'INFO' end,
+         coalesce(x ->> 'message', ''),
+         case when jsonb_typeof(x -> 'context') = 'object' then x -> 'context' else '{}'::jsonb end
+           || case when lv.level in ('TRACE', 'DEBUG', 'INFO', 'SUCCESS', 'WARNING', 'ERROR', 'CRITICAL')
+                   then '{}'::jsonb else jsonb_build_object('level', x ->> 'level') end,
+         x ->> 'traceback'
+    from jsonb_array_elements(p_records) with ordinality as xs(x, i)
+    cross join lateral (select upper(coalesce(x ->> 'level', 'INFO')) as level,
+                               planner_private.lease_digest_text(x ->> 'lease') as digest) lv
+    join public.allocation_planner_runs r
+      on r.id::text = lower(x ->> 'planner_run_id')
+    left join planner_private.released_leases rl on rl.run_id = r.id
+   where jsonb_typeof(x) = 'object'
+     and ((r.status = 'GENERATING' and r.lease = lv.digest)
+          or (rl.lease = lv.digest and rl.released_at > now() - v_grace))
+   order by xs.i;
+  get diagnostics n = row_count;
+  return n;
+end
+$$;
+
+-- The listener's catch-up scan (Realtime is at-most-once): the oldest PENDING runs, their id
+-- and age only. The engine role reads no table; this is all it needs to find missed runs.
+create function planner_engine.pending_runs(p_limit integer)
+returns table (id uuid, created_at timestamptz)
+language sql stable security definer set search_path = ''
+as $$
+  select r.id, r.created_at
+    from public.allocation_planner_runs r
+   where r.status = 'PENDING'
+   order by r.created_at, r.id
+   limit least(greatest(coalesce(p_limit, 0), 0), 1000)
+$$;
+
+-- -- the listener's self-check ---------------------------------------------------------------
+-- `planner listen` calls this at start and then periodically (listener/app.py). It reports,
+-- one row per check, what the login role cannot read for itself: the migrations recorded in
+-- supabase_migrations (not granted to it) and whether it may execute every function it calls.
+-- Problems come back as rows rather than exceptions so the listener can name each one and
+-- the fix in one line, and a 'warning' row (a superuser login, a table missing from the
+-- Realtime publication) lets it start while saying what is wrong. Checks are made for
+-- `session_user`, the role the listener logged in as: inside this SECURITY DEFINER function
+-- `current_user` is the owner.
+create or replace function planner_engine.self_check(p_expected_version text default null)
+returns table (check_name text, ok boolean, severity text, detail text)
+language plpgsql stable security definer set search_path = ''
+as $$
+declare
+  v_login name := session_user;
+  v_applied text;
+  v_fn text;
+  v_super boolean;
+  v_bypass boolean;
+begin
+  -- Schema version: the newest migration recorded (by `planner migrate` or the Supabase CLI).
+  if pg_catalog.to_regclass('supabase_migrations.schema_migrations') is null then
+    v_applied := null;
+  else
+    execute 'select max(version) from supabase_migrations.schema_migrations' into v_applied;
+  end if;
+  check_name := 'schema_version';
+  severity := 'error';
+  ok := v_applied is not null and (p_expected_version is null or v_applied >= p_expected_version);
+  detail := case
+    when v_applied is null then 'no migrations are recorded in this database'
+    when ok then format('database at migration %s', v_applied)
+    else format('database at migration %s, this listener needs %s', v_applied, p_expected_version)
+  end;
+  return next;
+
+  -- Every function the listener calls, executable by the login role.
+  foreach v_fn in array array[
+    'planner_engine.claim_run(text, uuid)',
+    'planner_engine.heartbeat(uuid, uuid)',
+    'planner_engine.load_problem(uuid, uuid)',
+    'planner_engine.commit_plan(uuid, uuid, uuid, jsonb, jsonb)',
+    'planner_engine.finish_run(uuid, uuid, text, text, jsonb)',
+    'planner_engine.write_logs(jsonb)',
+    'planner_engine.pending_runs(integer)'
+  ] loop
+    check_name := 'execute ' || v_fn;
+    severity := 'error';
+    if pg_catalog.to_regprocedure(v_fn) is null then
+      ok := false;
+      detail := 'function missing';
+    else
+      ok := pg_catalog.has_function_privilege(v_login, v_fn, 'execute');
+      detail := case when ok then 'granted' else format('role %s may not execute it', v_login) end;
+    end if;
+    return next;
+  end loop;
+
+  -- A superuser (or BYPASSRLS) login works, but a leaked listener credential would then be a
+  -- full-database credential.
+  select r.rolsuper, r.rolbypassrls into v_super, v_bypass
+    from pg_catalog.pg_roles r where r.rolname = v_login;
+  check_name := 'least_privilege';
+  severity := 'warning';
+  ok := not coalesce(v_super or v_bypass, false);
+  detail := case when ok then format('role %s is not a superuser', v_login)
+                 else format('role %s is a superuser or bypasses RLS', v_login) end;
+  return next;
+
+  -- Without the table in the publication no insert wakes the listener: runs are found only by
+  -- the catch-up scan.
+  check_name := 'realtime_publication';
+  severity := 'warning';
+  ok := exists (select from pg_catalog.pg_publication_tables p
+                 where p.pubname = 'supabase_realtime' and p.schemaname = 'public'
+                   and p.tablename = 'allocation_planner_runs');
+  detail := case when ok then 'allocation_planner_runs is in supabase_realtime'
+                 else 'allocation_planner_runs is not in the supabase_realtime publication' end;
+  return next;
+end
+$$;
+
+drop function planner_engine.sweep_stale_runs(interval, interval);
+
+-- -- the sweeper -----------------------------------------------------------------------------
+-- The sweep itself, for the owner (and superusers: tests, an operator's one-off sweep with
+-- other timeouts). NULL timeouts are the settings'.
+create function planner_private.sweep_stale_runs(
+  p_ttl interval default null,
+  p_pending_ttl interval default null
+) returns integer
+language plpgsql volatile set search_path = ''
+as $$
+declare
+  n_stale integer;
+  n_pending integer;
+begin
+  select coalesce(p_ttl, s.stale_run_ttl), coalesce(p_pending_ttl, s.pending_run_ttl)
+    into strict p_ttl, p_pending_ttl
+    from planner_engine.settings s where s.id;
+  -- Single runner: an overlapping cron tick or a manual call just returns 0.
+  if not pg_catalog.pg_try_advisory_xact_lock(
+           pg_catalog.hashtextextended('planner_engine.sweep_stale_runs', 0)) then
+    return 0;
+  end if;
+
+  -- Stale GENERATING runs. The condition sits in the UPDATE's own WHERE, so it is re-checked
+  -- on the latest row version: a heartbeat that commits first makes the row not stale any
+  -- more and it is skipped (READ COMMITTED re-evaluation), never a select-then-update race.
+  with old as (
+    select s.id, s.worker_id
+      from public.allocation_planner_runs s
+     where s.status = 'GENERATING' and s.heartbeat_at < now() - p_ttl
+  ), swept as (
+    update public.allocation_planner_runs r
+       set status = case when r.cancel_requested_at is not null then 'CANCELLED'
+                         when r.attempts >= r.max_attempts then 'FAILED'
+                         else 'PENDING' end,
+           finished_at = case when r.cancel_requested_at is not null
+                                or r.attempts >= r.max_attempts then now() end,
+           lease = null,
+           worker_id = null,
+           error = format('heartbeat lost: last heartbeat at %s from worker %s',
+                          r.heartbeat_at, coalesce(r.worker_id, '?'))
+      from old
+     where r.id = old.id
+       and r.status = 'GENERATING'
+       and r.heartbeat_at < now() - p_ttl
+    returning r.id, r.organization_id, r.status, r.attempts, r.max_attempts, r.heartbeat_at,
+              old.worker_id
+  )
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, level, message, context)
+  select sw.id, sw.organization_id,
+         case sw.status when 'FAILED' then 'ERROR' when 'PENDING' then 'WARNING' else 'INFO' end,
+         format('Timeout: no heartbeat from worker %s since %s (more than %s ago); %s',
+                coalesce(sw.worker_id, '?'), sw.heartbeat_at, p_ttl,
+                case sw.status
+                  when 'PENDING' then format('run re-queued after attempt %s of %s',
+                                             sw.attempts, sw.max_attempts)
+                  when 'FAILED' then format('run failed: all %s attempts used', sw.max_attempts)
+                  else 'run cancelled as the user had asked' end),
+         jsonb_build_object('event', 'sweep_stale', 'new_status', sw.status,
+                            'last_heartbeat_at', sw.heartbeat_at, 'worker_id', sw.worker_id,
+                            'attempts', sw.attempts, 'max_attempts', sw.max_attempts,
+                            'ttl_seconds', extract(epoch from p_ttl))
+    from swept sw;
+  get diagnostics n_stale = row_count;
+
+  -- PENDING runs nobody claimed. A re-queued run waits since its last heartbeat, not since
+  -- it was created, so a run re-queued late is not failed straight away.
+  with failed as (
+    update public.allocation_planner_runs r
+       set status = 'FAILED', finished_at = now(),
+           error = format('no planner picked this run up within %s', p_pending_ttl)
+     where r.status = 'PENDING'
+       and greatest(r.created_at, r.heartbeat_at) < now() - p_pending_ttl
+    returning r.id, r.organization_id, r.created_at, r.heartbeat_at
+  )
+  insert into public.planner_execution_logs
+    (planner_run_id, organization_id, level, message, context)
+  select f.id, f.organization_id, 'ERROR',
+         format('Timeout: no planner picked this run up within %s (queued since %s, last '
+                'heartbeat %s); run failed', p_pending_ttl,
+                greatest(f.created_at, f.heartbeat_at), coalesce(f.heartbeat_at::text, 'never')),
+         jsonb_build_object('event', 'sweep_pending', 'new_status', 'FAILED',
+                            'created_at', f.created_at, 'last_heartbeat_at', f.heartbeat_at,
+                            'pending_ttl_seconds', extract(epoch from p_pending_ttl))
+    from failed f;
+  get diagnostics n_pending = row_count;
+
+  return n_stale + n_pending;
+end
+$$;
+
+-- What the pg_cron job and the engine call: no arguments, the timeouts are the operator's
+-- (planner_engine.settings). With arguments, a stolen engine credential could fail every
+-- PENDING run at once (`sweep_stale_runs('0 seconds', '0 seconds')`).
+create function planner_engine.sweep_stale_runs()
+returns integer
+language sql volatile security definer set search_path = ''
+as $$
+  select planner_private.sweep_stale_runs(s.stale_run_ttl, s.pending_run_ttl)
+    from planner_engine.settings s where s.id
+$$;
+
+revoke all on function planner_private.lease_digest(uuid), planner_private.lease_digest_text(text),
+  planner_private.allocation_planner_runs_remember_lease(),
+  planner_private.sweep_stale_runs(interval, interval)
+  from public, anon, authenticated;
+revoke all on function planner_engine.pending_runs(integer), planner_engine.sweep_stale_runs()
+  from public, anon, authenticated;
+grant execute on function planner_engine.pending_runs(integer), planner_engine.sweep_stale_runs()
+  to planner_engine, service_role;
+
+-- The engine reads no tenant table (load_problem and pending_runs read for it).
+revoke select on public.organizations, public.allocation_runs, public.terms, public.teams,
+  public.team_demand, public.allocation_planner_runs
+  from planner_engine;
+revoke usage on schema public from planner_engine;
+comment on role planner_engine is
+  'Login role of the planner listener: EXECUTE on planner_engine.*, SELECT on rule sets only, no direct writes.';
