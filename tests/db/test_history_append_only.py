@@ -43,7 +43,10 @@ async def _planned_allocation_run(su: asyncpg.Connection, world: World,
         assert c is not None
         await su.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",
                          run, c["lease"], a.id, plan_json(a, terms, offset=offset))
-        await su.execute("select planner_engine.write_log($1, $2, 'INFO', 'hello')", run, a.id)
+        await su.execute(
+            "select planner_engine.write_logs($1)",
+            json.dumps([{"planner_run_id": run, "lease": str(c["lease"]), "level": "INFO",
+                         "message": "hello"}]))
         runs.append(run)
     return ar, terms, runs
 
