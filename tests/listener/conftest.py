@@ -38,6 +38,22 @@ async def orgs(dev_settings: DevSettings, db_url: str) -> list[SeededOrganizatio
         await conn.close()
 
 
+@pytest.fixture(scope="module")
+async def org(
+    request: pytest.FixtureRequest, dev_settings: DevSettings, db_url: str
+) -> SeededOrganization:
+    """One small organisation of the module's own (named after the module; its instance seed
+    is the module's ORG_SEED, 7 by default), for modules that need no more than one."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await seed_organization(conn, dev_settings, f"{module} Health",
+                                       instance_seed=getattr(request.module, "ORG_SEED", 7),
+                                       **SMALL)
+    finally:
+        await conn.close()
+
+
 ListenerFactory = Callable[..., ListenerProcess]
 
 

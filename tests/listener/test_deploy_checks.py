@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 
 from devstack import keys
-from devstack.seed import SeededOrganization, seed_organization
+from devstack.seed import SeededOrganization
 from devstack.settings import DevSettings
 from listener.broadcast import Broadcaster
-from tests.listener.conftest import SMALL, ListenerFactory
+from tests.listener.conftest import ListenerFactory
 from tests.support.harness import (
     PLANNER,
     TERMINAL,
@@ -29,16 +29,6 @@ from tests.support.harness import (
 from tests.support.realtime import RealtimeServer, free_port
 
 QUICK = {"time_limit_seconds": 1, "deterministic": True}
-
-
-@pytest.fixture(scope="module")
-async def org(dev_settings: DevSettings, db_url: str) -> SeededOrganization:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await seed_organization(conn, dev_settings, "Deploy Health", instance_seed=7,
-                                       **SMALL)
-    finally:
-        await conn.close()
 
 
 async def start_run(db: asyncpg.Connection, org: SeededOrganization) -> str:

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from devstack.seed import SeededOrganization, seed_organization
+from devstack.seed import SeededOrganization
 from devstack.settings import DevSettings
 from listener.db import EngineDB
 from listener.selfcheck import expected_version
-from tests.listener.conftest import SMALL, ListenerFactory
+from tests.listener.conftest import ListenerFactory
 from tests.support.harness import TERMINAL, insert_run, wait_for_status
 from tests.support.pgbouncer import PgBouncer
 
@@ -28,14 +28,8 @@ def bouncer(dev_settings: DevSettings, db_name: str) -> Iterator[PgBouncer]:
         yield pb
 
 
-@pytest.fixture(scope="module")
-async def org(dev_settings: DevSettings, db_url: str) -> SeededOrganization:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await seed_organization(conn, dev_settings, "Pooled Health", instance_seed=11,
-                                       **SMALL)
-    finally:
-        await conn.close()
+#: the instance seed of this module's organisation (tests/listener/conftest.py `org`)
+ORG_SEED = 11
 
 
 async def moved_to_another_server(bouncer: PgBouncer, cache: int) -> int:

@@ -25,10 +25,9 @@ import asyncpg
 import pytest
 
 from devstack import keys
-from devstack.seed import SeededOrganization, seed_organization
+from devstack.seed import SeededOrganization
 from devstack.settings import DevSettings
 from listener.realtime_link import CHANNEL, CHANNEL_OPTIONS, RealtimeLink
-from tests.listener.conftest import SMALL
 from tests.realtime.helpers import PyClient
 from tests.support.harness import insert_run, until
 from tests.support.realtime import RealtimeServer
@@ -42,14 +41,8 @@ POLICY_SQL = (
 )
 
 
-@pytest.fixture(scope="module")
-async def org(dev_settings: DevSettings, db_url: str) -> SeededOrganization:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await seed_organization(conn, dev_settings, "Private Health", instance_seed=5,
-                                       **SMALL)
-    finally:
-        await conn.close()
+#: the instance seed of this module's organisation (tests/listener/conftest.py `org`)
+ORG_SEED = 5
 
 
 class Running:

@@ -31,9 +31,9 @@ import asyncpg
 import pytest
 
 from devstack import keys
-from devstack.seed import SeededOrganization, seed_organization
+from devstack.seed import SeededOrganization
 from devstack.settings import REPO_ROOT, DevSettings
-from tests.listener.conftest import SMALL, ListenerFactory
+from tests.listener.conftest import ListenerFactory
 from tests.realtime.helpers import JS_DIR, Events
 from tests.support.harness import TERMINAL, insert_run, wait_for_status
 from tests.support.realtime import RealtimeServer
@@ -67,16 +67,6 @@ def test_the_docs_snippet_is_the_one_the_tests_run():
 
 
 # -- plumbing --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-async def org(dev_settings: DevSettings, db_url: str) -> SeededOrganization:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await seed_organization(conn, dev_settings, "Snippet Health", instance_seed=7,
-                                       **SMALL)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="module")
 def newest() -> Iterator[str | None]:
     """Under CI=true, the newest supabase-js release in a temp folder (None when not CI, or
