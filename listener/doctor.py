@@ -23,8 +23,6 @@ failing lines, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import os
@@ -39,7 +37,7 @@ import asyncpg
 import typer
 from pydantic import BaseModel
 
-from listener import migrate
+from listener import apikeys, migrate
 from listener.sqltext import normalised, split_statements, statements_match
 
 ENGINE_ROLE = "planner_engine"
@@ -430,29 +428,16 @@ async def _cron_checks(
 
 # -- the listener's Realtime settings ------------------------------------------------------
 
-def _jwt_role(key: str) -> str | None:
-    """The `role` claim of a JWT, unverified (only the kind of key matters here)."""
-    parts = key.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(payload)
-    except (binascii.Error, ValueError):
-        return None
-    role = claims.get("role") if isinstance(claims, dict) else None
-    return role if isinstance(role, str) else None
-
-
 def check_key(key: str, variable: str) -> Check:
     """The kind of key the listener needs: it hears every run insert and may broadcast."""
     name = "realtime key"
-    if key.startswith("sb_secret_"):
+    info = apikeys.classify(key)  # the listener's own classification (start-up check)
+    if info.kind == "secret":
         return passed(name, f"{variable} is a secret key (sb_secret_)")
-    if key.startswith("sb_publishable_"):
+    if info.kind == "publishable":
         return failed(name, f"{variable} holds a publishable key (sb_publishable_): the "
                             "listener needs the secret key (sb_secret_) or the service_role key")
-    role = _jwt_role(key)
+    role = info.role if info.kind == "jwt" else None
     if role == "service_role":
         return passed(name, f"{variable} is a service_role JWT")
     if role is None:
