@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -25,6 +26,8 @@ SECRET_PREFIX = "sb_secret_"
 PUBLISHABLE_PREFIX = "sb_publishable_"
 
 Kind = Literal["secret", "publishable", "jwt", "unknown"]
+#: The variables the listener reads its key from, the first set one winning (settings.py).
+KEY_VARIABLES = ("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ def classify(key: str) -> KeyInfo:
         return KeyInfo("jwt", _jwt_role(key))
     except ValueError:
         return KeyInfo("unknown", None)
+
+
+def key_variable(env: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable, key) of the key the listener uses, or None when neither is set."""
+    return next(((v, env[v]) for v in KEY_VARIABLES if env.get(v)), None)
 
 
 def key_problem(key: str, variable: str) -> str | None:

@@ -23,7 +23,7 @@ from aiohttp import web
 from loguru import logger
 
 from listener import health, metrics, selfcheck
-from listener.apikeys import key_problem
+from listener.apikeys import KEY_VARIABLES, key_problem, key_variable
 from listener.backoff import Backoff
 from listener.broadcast import Broadcaster
 from listener.db import EngineDB
@@ -248,8 +248,8 @@ class Listener:
         service-role kind, the database answers, and the self-check passes. Raises
         ConfigurationError with one line naming the variable and the fix."""
         # Name the variable the key came from (SUPABASE_SECRET_KEY wins when both are set).
-        variable = ("SUPABASE_SECRET_KEY" if os.environ.get("SUPABASE_SECRET_KEY")
-                    else "SUPABASE_SERVICE_ROLE_KEY")
+        found = key_variable(os.environ)
+        variable = found[0] if found else KEY_VARIABLES[-1]
         problem = key_problem(self.s.service_role_key.get_secret_value(), variable)
         if problem:
             raise ConfigurationError(problem)

@@ -43,15 +43,7 @@ from listener.sqltext import normalised, split_statements, statements_match
 ENGINE_ROLE = "planner_engine"
 PUBLICATION = "supabase_realtime"
 SCHEMA_DIR = migrate.MIGRATIONS_DIR / "schema"
-#: The variables the listener reads its Realtime key from, the first set one winning
-#: (listener/settings.py).
-KEY_VARIABLES = ("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY")
-KEY_VARIABLE = " or ".join(KEY_VARIABLES)
-
-
-def listener_key(env: dict[str, str]) -> tuple[str, str] | None:
-    """(variable, key) of the key the listener would use, or None."""
-    return next(((v, env[v]) for v in KEY_VARIABLES if env.get(v)), None)
+KEY_VARIABLE = " or ".join(apikeys.KEY_VARIABLES)
 
 
 class Check(BaseModel):
@@ -531,7 +523,7 @@ def command(
     SUPABASE_SECRET_KEY or SUPABASE_SERVICE_ROLE_KEY from the environment). One line per
     check; exit 1 when one fails."""
     supabase_url = os.environ.get("SUPABASE_URL") or None
-    key = listener_key(dict(os.environ))
+    key = apikeys.key_variable(dict(os.environ))
     if not (database_url or supabase_url or key):
         typer.secho(f"error: nothing to check: pass --database-url (or set DATABASE_URL) and/or "
                     f"set SUPABASE_URL and {KEY_VARIABLE}", fg=typer.colors.RED, err=True)
