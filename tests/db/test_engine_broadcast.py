@@ -107,3 +107,14 @@ async def test_only_the_engine_and_service_role_may_broadcast(
     async with acting_as(pg, "authenticated", sub=world.a.admin) as c:
         await c.execute("select realtime.send('{}', 'done', $1, true)", f"planner_run:{run}")
     assert await messages(su, run) == []
+
+
+async def test_the_engine_cannot_send_on_its_own(engine: asyncpg.Connection, world: World) -> None:
+    """Its login reaches realtime.send only through the two functions above: no USAGE on
+    schema realtime, so neither realtime.send nor realtime.messages (any topic)."""
+    for sql in ("select realtime.send('{}', 'done', 'planner_run:' || gen_random_uuid(), true)",
+                "insert into realtime.messages (topic, extension, payload, event, private)"
+                " values ('planner-engine-runs', 'broadcast', '{}', 'x', true)"):
+        async with expect_sqlstate("42501"):
+            await engine.execute(sql)
+
