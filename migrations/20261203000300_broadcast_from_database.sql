@@ -108,6 +108,16 @@ create policy planner_run_engine_send on realtime.messages
   with check (extension = 'broadcast' and private
               and topic ~ '^planner_run:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$');
 
+-- The messages are now stored in realtime.messages: a member's read policy compares the row's
+-- own topic with the channel's, so nobody reads other organisations' stored messages by
+-- setting `realtime.topic` to a run of their own.
+drop policy if exists planner_run_members_read on realtime.messages;
+create policy planner_run_members_read on realtime.messages
+  for select to authenticated
+  using (extension in ('broadcast', 'presence')
+         and topic = (select realtime.topic())
+         and planner_private.can_read_run_topic((select realtime.topic())));
+
 -- The self-check also reports EXECUTE on the two new functions.
 create or replace function planner_engine.self_check(p_expected_version text default null)
 returns table (check_name text, ok boolean, severity text, detail text)

@@ -217,11 +217,14 @@ grant execute on function planner_private.purge_history(uuid) to service_role;
 -- -- Realtime ---------------------------------------------------------------------------------
 -- Private channel `planner_run:<run id>`: members of the run's organisation may join and read
 -- (broadcast and presence). Users cannot send on it (no INSERT policy for them); the engine's
--- events come from the database (planner_run_engine_send below).
+-- events come from the database (planner_run_engine_send below), so realtime.messages keeps
+-- them (hosted: for days): the row's own topic must be the channel's too, or a member who sets
+-- `realtime.topic` to a run of their own could read every organisation's stored messages.
 drop policy if exists planner_run_members_read on realtime.messages;
 create policy planner_run_members_read on realtime.messages
   for select to authenticated
   using (extension in ('broadcast', 'presence')
+         and topic = (select realtime.topic())
          and planner_private.can_read_run_topic((select realtime.topic())));
 
 -- The UI's events are sent by the database (planner_engine.broadcast / announce_queued call

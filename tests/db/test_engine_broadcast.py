@@ -118,3 +118,29 @@ async def test_the_engine_cannot_send_on_its_own(engine: asyncpg.Connection, wor
         async with expect_sqlstate("42501"):
             await engine.execute(sql)
 
+
+
+async def test_stored_messages_are_read_by_their_runs_members_only(
+    pg: asyncpg.Connection, su: asyncpg.Connection, engine: asyncpg.Connection, world: World,
+) -> None:
+    """realtime.messages now keeps the events (hosted keeps them for days): a member who can
+    run SQL and sets `realtime.topic` to a run of their own must still read only that run's
+    messages, not every organisation's (the read policy compares the row's topic too)."""
+    from tests.support.roles import acting_as
+
+    ar_a, _ = await new_allocation_run(su, world.a.id)
+    ar_b, _ = await new_allocation_run(su, world.b.id)
+    run_a = await insert_run(su, world.a.id, ar_a)
+    run_b = await insert_run(su, world.b.id, ar_b)
+    c = await claim(engine, run_a)
+    assert c is not None
+    await broadcast(engine, run_a, str(c["lease"]), "done", {"status": "COMPLETED"})
+
+    async def visible(sub: str, topic_run: str) -> set[str]:
+        async with acting_as(pg, "authenticated", sub=sub) as conn:
+            await conn.execute("select set_config('realtime.topic', $1, true)",
+                               f"planner_run:{topic_run}")
+            return {r[0] for r in await conn.fetch("select topic from realtime.messages")}
+
+    assert await visible(world.b.planner, run_b) == set()
+    assert await visible(world.a.viewer, run_a) == {f"planner_run:{run_a}"}
