@@ -1,16 +1,16 @@
-"""Which kind of Supabase API key the listener was given, and how to send it.
+"""Which kind of Supabase API key the listener was given.
 
 Supabase has two generations of keys. The legacy ones are JWTs whose `role` claim says what
 they may do (`anon` or `service_role`); the new ones are opaque strings whose prefix says it
-(`sb_publishable_...` like anon, `sb_secret_...` like service_role). The listener needs the
-service-role kind: with the anon key it still connects, but its progress broadcasts to private
-topics are refused and it hears only the runs RLS shows to anon, i.e. nothing. That mistake
-looked healthy (issue 15), so the key is classified at start, without a network call: a JWT's
-payload is read (not verified: the server verifies it, we only want the claimed role).
-
-Headers: hosted Supabase's gateway takes an `sb_` key only in the `apikey` header; it is not a
-JWT, so it must not be sent as `Authorization: Bearer` (the gateway answers 401 when the bearer
-is not a JWT, unless it equals `apikey`). A legacy JWT goes in both, as the official clients do.
+(`sb_publishable_...` like anon, `sb_secret_...` like service_role). The listener uses its key
+for one thing, its Realtime subscription to the runs table (its progress events are sent by
+the database: listener.broadcast), and that needs the service-role kind: Realtime applies the
+token's role to every change (RLS and column privileges, as that role), and only a role that
+bypasses RLS hears the runs of every organisation. With the anon key it still connects and
+subscribes, but hears nothing. That mistake looked healthy (issue 15), so the key is
+classified at start, without a network call: a JWT's payload is read (not verified: the
+server verifies it, we only want the claimed role). docs/database.md ("The service-role key")
+says why no narrower token can do, and what a stolen listener environment can still do.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class KeyInfo:
 
     @property
     def is_service(self) -> bool:
-        """May it read every run and broadcast to private topics?"""
+        """Does its subscription hear every organisation's runs (a role bypassing RLS)?"""
         return self.role == "service_role"
 
     def describe(self) -> str:
@@ -89,11 +89,3 @@ def key_problem(key: str, variable: str) -> str | None:
     return (f"{variable} holds {info.describe()}, but the listener needs the service-role "
             "kind: the secret key (sb_secret_...) or the legacy service_role JWT, from the "
             "dashboard's Project Settings > API Keys (docs/deploy.md#keys)")
-
-
-def rest_headers(key: str) -> dict[str, str]:
-    """Headers for Supabase's REST endpoints (the Realtime broadcast API among them)."""
-    headers = {"apikey": key}
-    if classify(key).kind == "jwt":
-        headers["Authorization"] = f"Bearer {key}"
-    return headers

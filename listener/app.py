@@ -25,7 +25,7 @@ from loguru import logger
 from listener import health, metrics, selfcheck
 from listener.apikeys import KEY_VARIABLES, key_problem, key_variable
 from listener.backoff import Backoff
-from listener.broadcast import Broadcaster
+from listener.broadcast import DbBroadcaster
 from listener.db import EngineDB
 from listener.errors import (
     CONNECT_ERRORS,
@@ -34,7 +34,6 @@ from listener.errors import (
     describe_connect_error,
     where,
 )
-from listener.events import Phase, RunStatus, StatusEvent
 from listener.executor import RunExecutor
 from listener.logs import RunLogSink
 from listener.realtime_link import RealtimeLink
@@ -52,7 +51,7 @@ class Listener:
         self._resync = asyncio.Event()
         self._announced: dict[uuid.UUID, int] = {}
         self.db: EngineDB | None = None
-        self.bc: Broadcaster | None = None
+        self.bc: DbBroadcaster | None = None
         self.link: RealtimeLink | None = None
         self.log_sink = RunLogSink(capacity=settings.log_buffer)
         self.current_run: uuid.UUID | None = None
@@ -95,15 +94,18 @@ class Listener:
             self._announce_timer = asyncio.get_running_loop().call_later(1.0, fire)
 
     def _announce_now(self) -> None:
+        """One database call for the round (planner_engine.announce_queued): the runs are
+        not claimed yet, so there is no lease; the database sends the `status` event
+        (listener.events.StatusEvent, PENDING, queued) only for runs still PENDING."""
         assert self.bc is not None
         positions = self.queue.positions()
-        for run_id, pos in positions.items():
-            if self._announced.get(run_id) != pos:
-                self._announced[run_id] = pos
-                task = asyncio.create_task(self.bc.publish(StatusEvent(
-                    run_id=run_id, status=RunStatus.PENDING, phase=Phase.QUEUED, position=pos)))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+        changed = {run_id: pos for run_id, pos in positions.items()
+                   if self._announced.get(run_id) != pos}
+        self._announced.update(changed)
+        if changed:
+            task = asyncio.create_task(self.bc.announce_queued(changed))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         for gone in set(self._announced) - set(positions):
             del self._announced[gone]
 
@@ -217,8 +219,10 @@ class Listener:
             # The engine role can do its work (planner_engine.self_check); while not, no claims.
             "self_check": self.checks_ok.is_set(),
             "self_check_problems": self.check_problems,
-            # The key was accepted for broadcasts (False after a 401/403 until one succeeds).
-            "broadcast": self.bc is not None and self.bc.auth_failure is None,
+            # The database accepted the latest broadcast (False after a refusal such as a
+            # missing grant, until one succeeds).
+            "broadcast": self.bc is not None and self.bc.failure is None,
+            "broadcast_failure": self.bc.failure if self.bc is not None else None,
             "queue_depth": len(self.queue),
             "current_run": str(self.current_run) if self.current_run else None,
             "draining": self.draining.is_set(),
@@ -287,7 +291,7 @@ class Listener:
             raise
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_shutdown, sig.name)
-        self.bc = Broadcaster(self.s.supabase_url, self.s.service_role_key.get_secret_value())
+        self.bc = DbBroadcaster(self.db)
         self.link = RealtimeLink(
             self.s.supabase_url, self.s.service_role_key.get_secret_value(),
             on_run=self.hint, on_subscribed=self.resync,
@@ -327,7 +331,8 @@ class Listener:
             await self.log_sink.flush(self.db)
             if runner is not None:
                 await runner.cleanup()
-            await self.bc.close()
+            if self._tasks:  # queue announcements still on their way to the database
+                await asyncio.wait(set(self._tasks), timeout=3)
             await self.db.close()
             logger.info("listener {} stopped", self.s.worker_id)
         return 0

@@ -1,12 +1,14 @@
 """Progress for the manager's UI, as Realtime broadcasts on the private topic `planner_run:<id>`.
 
-Sent through Realtime's REST broadcast endpoint with the service-role key (a secret `sb_secret_`
-key goes in the `apikey` header only, a legacy JWT also as the bearer: listener.apikeys): no
-channel join per
-run, the same call works against hosted Supabase, and a Realtime outage costs progress events
-only (the run row, which the UI also watches, stays the truth). Progress is throttled to at
-most one event per `interval` with the latest figures, so a solver finding hundreds of
-solutions a second never floods the UI.
+The database sends them: `planner_engine.broadcast` (fenced on the run's lease, PL001 without
+it) and `planner_engine.announce_queued` (queue positions of runs still PENDING) call
+`realtime.send`, which writes a message row that Realtime streams to the topic's subscribers
+(docs/database.md, "The service-role key"). So broadcasting needs no Supabase key (the key is
+used for the listener's own subscription only), the engine role can speak only on the topic of
+a run it holds, no channel is joined per run, and a Realtime outage costs progress events only
+(the run row, which the UI also watches, stays the truth). Progress is throttled to at most one
+event per `interval` with the latest figures, so a solver finding hundreds of solutions a
+second never floods the UI (nor the database).
 """
 
 from __future__ import annotations
@@ -15,68 +17,72 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping
 
-import httpx
+import asyncpg
 from loguru import logger
 
 from listener import metrics
-from listener.apikeys import rest_headers
+from listener.db import EngineDB
 from listener.events import ProgressEvent, UiEvent
-from listener.ports import EventSink
+from listener.ports import EventSink, LeaseLost
 
 
 def topic(run_id: uuid.UUID) -> str:
     return f"planner_run:{run_id}"
 
 
-class Broadcaster:
-    def __init__(self, supabase_url: str, service_role_key: str) -> None:
-        self._url = f"{supabase_url}/realtime/v1/api/broadcast"
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(3.0),
-            headers={**rest_headers(service_role_key), "Content-Type": "application/json"},
-        )
-        #: Why the server refused the key (401/403) on the latest broadcast, else None: a
-        #: refused key drops every progress event silently, so /readyz reports it.
-        self.auth_failure: str | None = None
+class DbBroadcaster:
+    """The `EventSink` of production: every event goes out through the engine's functions."""
 
-    async def close(self) -> None:
-        await self._client.aclose()
+    def __init__(self, db: EngineDB) -> None:
+        self._db = db
+        #: Why the database refused the latest broadcast (a grant missing, a function gone),
+        #: else None: such a refusal drops every event silently, so /readyz reports it. A lost
+        #: lease or an unreachable database is not recorded here (the run and `database` say it).
+        self.failure: str | None = None
 
-    async def send(self, run_id: uuid.UUID, event: str, payload: dict[str, Any]) -> bool:
+    async def publish(self, event: UiEvent, lease: uuid.UUID) -> bool:
         """Best effort: a failure is logged and counted, never raised."""
-        body = {
-            "messages": [
-                {"topic": topic(run_id), "event": event, "payload": payload, "private": True}
-            ]
-        }
         try:
-            resp = await self._client.post(self._url, json=body)
-            if resp.status_code in (401, 403):
-                self.auth_failure = f"status {resp.status_code}: {resp.text[:200]}"
-            if resp.status_code >= 300:
-                raise httpx.HTTPStatusError(
-                    f"status {resp.status_code}", request=resp.request, response=resp
-                )
-        except (httpx.HTTPError, OSError) as exc:
-            metrics.BROADCAST_FAILURES.inc()
-            logger.warning("broadcast {} for run {} failed: {}", event, run_id, exc)
+            await self._db.broadcast(event.run_id, lease, event.event, event.payload())
+        except LeaseLost:
+            logger.info("{} for run {} not sent: the lease is gone", event.event, event.run_id)
             return False
-        self.auth_failure = None
-        metrics.BROADCASTS.labels(event=event).inc()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            self._failed(event.event, event.run_id, exc)
+            return False
+        self.failure = None
+        metrics.BROADCASTS.labels(event=event.event).inc()
         return True
 
-    async def publish(self, event: UiEvent) -> bool:
-        """Send one UI event (listener.events) on its run's topic."""
-        return await self.send(event.run_id, event.event, event.payload())
+    async def announce_queued(self, positions: Mapping[uuid.UUID, int]) -> bool:
+        """`status` (PENDING, queued, position) for each run still waiting here."""
+        if not positions:
+            return True
+        try:
+            sent = await self._db.announce_queued(list(positions.items()))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            self._failed("status", None, exc)
+            return False
+        self.failure = None
+        metrics.BROADCASTS.labels(event="status").inc(sent)
+        return True
+
+    def _failed(self, event: str, run_id: uuid.UUID | None, exc: BaseException) -> None:
+        metrics.BROADCAST_FAILURES.inc()
+        sqlstate = str(getattr(exc, "sqlstate", "") or "")
+        if sqlstate.startswith("42"):  # no privilege, function missing: every event is lost
+            self.failure = f"{sqlstate}: {exc}"[:200]
+        logger.warning("broadcast {} for run {} failed: {}", event, run_id or "(queue)", exc)
 
 
 class ProgressThrottle:
     """Keeps the newest progress figures and sends them at most once per interval."""
 
-    def __init__(self, sink: EventSink, interval: float) -> None:
+    def __init__(self, sink: EventSink, lease: uuid.UUID, interval: float) -> None:
         self._sink = sink
+        self._lease = lease
         self._interval = interval
         self._latest: ProgressEvent | None = None
         self._last_sent = 0.0
@@ -94,7 +100,7 @@ class ProgressThrottle:
         payload, self._latest = self._latest, None
         if payload is not None:
             self._last_sent = time.monotonic()
-            await self._sink.publish(payload)
+            await self._sink.publish(payload, self._lease)
 
     async def close(self) -> None:
         """Send what is pending now (the last figures matter most)."""
@@ -104,4 +110,4 @@ class ProgressThrottle:
                 await self._task
         if self._latest is not None:
             payload, self._latest = self._latest, None
-            await self._sink.publish(payload)
+            await self._sink.publish(payload, self._lease)

@@ -133,6 +133,22 @@ class EngineDB:
         rows = await self.pool.fetch(q("pending_runs"), limit)
         return [(r["id"], r["created_at"]) for r in rows]
 
+    async def broadcast(
+        self, run_id: uuid.UUID, lease: uuid.UUID, event: str, payload: dict[str, Any],
+    ) -> None:
+        """Send one UI event through the database (raises LeaseLost without the lease)."""
+        try:
+            await self.pool.execute(q("broadcast"), run_id, lease, event, _json(payload))
+        except asyncpg.PostgresError as exc:
+            _raise_lease_lost(exc)
+            raise
+
+    async def announce_queued(self, positions: Sequence[tuple[uuid.UUID, int]]) -> int:
+        """Queue positions of PENDING runs, in one call; returns how many were sent."""
+        ids = [run_id for run_id, _ in positions]
+        places = [pos for _, pos in positions]
+        return int(await self.pool.fetchval(q("announce_queued"), ids, places) or 0)
+
 
 def _raise_lease_lost(exc: asyncpg.PostgresError) -> None:
     if getattr(exc, "sqlstate", None) == LEASE_LOST:

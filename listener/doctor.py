@@ -8,11 +8,13 @@ Two groups, each run when its settings are given:
   the `supabase_realtime` publication with the replica identity the migrations set; the engine
   role `planner_engine` is no superuser (nor anything alike) and has exactly the grants the
   migrations give it.
+  The database can broadcast the UI's events (realtime.send exists and the owner of
+  planner_engine.broadcast may write realtime.messages).
 - with the listener's Realtime settings (`SUPABASE_URL` and its key): the key is of the kind the
-  listener needs (a JWT whose role is `service_role`, or an `sb_secret_` key: the anon or
-  publishable key connects fine but hears nothing under RLS and may not broadcast), Realtime
-  answers, and a private channel can be joined (a project may refuse them, and the UI's
-  progress channel is private).
+  listener needs for its subscription (a JWT whose role is `service_role`, or an `sb_secret_`
+  key: the anon or publishable key connects fine but hears no run under RLS), Realtime
+  answers, and a private channel can be joined (a project may refuse public ones, and the
+  listener's and the UI's channels are private).
 
 What the migrations set (published tables, replica identities, the engine's grants) is read
 from migrations/schema/*.sql, the single source of truth, so a schema change cannot leave the
@@ -354,6 +356,41 @@ async def check_engine_role(
     return passed(name, f"{role}: no superuser, exactly its {len(want)} grants")
 
 
+#: The function whose owner writes the UI's messages (planner_engine.broadcast and
+#: announce_queued call realtime.send as that owner, the migration runner).
+BROADCAST_FN = "planner_engine.broadcast(uuid,uuid,text,jsonb)"
+BROADCAST_SQL = """
+select r.rolname as owner, r.rolsuper or r.rolbypassrls as bypass,
+       pg_catalog.to_regprocedure('realtime.send(jsonb,text,text,boolean)') is not null as send,
+       pg_catalog.to_regclass('realtime.messages') is not null
+         and pg_catalog.has_table_privilege(r.oid, 'realtime.messages', 'insert') as can_insert,
+       exists (select 1 from pg_catalog.pg_policies p
+                where p.schemaname = 'realtime' and p.tablename = 'messages'
+                  and p.policyname = 'planner_run_engine_send'
+                  and r.rolname = any(p.roles)) as policy
+  from pg_catalog.pg_proc f join pg_catalog.pg_roles r on r.oid = f.proowner
+ where f.oid = pg_catalog.to_regprocedure($1)
+"""
+
+
+async def check_database_broadcast(conn: asyncpg.Connection) -> Check:
+    """Can the database send the UI's events? realtime.send turns every failure into a
+    WARNING, so a missing privilege would drop every progress event without an error."""
+    name = "broadcast from the database"
+    row = await conn.fetchrow(BROADCAST_SQL, BROADCAST_FN)
+    if row is None:
+        return failed(name, f"{BROADCAST_FN} is missing: run `planner migrate`")
+    if not row["send"]:
+        return failed(name, "realtime.send is missing: the project's Realtime schema is older "
+                            "than broadcast from the database (hosted projects have it)")
+    if not row["can_insert"] or not (row["bypass"] or row["policy"]):
+        return failed(name, f"{row['owner']}, the owner of {BROADCAST_FN}, may not insert into "
+                            "realtime.messages (INSERT privilege, and BYPASSRLS or policy "
+                            "planner_run_engine_send): run `planner migrate` as that role")
+    how = "bypasses RLS" if row["bypass"] else "policy planner_run_engine_send"
+    return passed(name, f"realtime.send as {row['owner']} ({how})")
+
+
 async def _guard(name: str, check: Awaitable[Check]) -> Check:
     """A check that raised is a failing line naming the error, not a traceback."""
     try:
@@ -385,6 +422,8 @@ async def database_checks(
             return checks
         checks.append(await _guard("realtime publication", check_publication(conn, expected)))
         checks.append(await _guard("engine role", check_engine_role(conn, expected, engine_role)))
+        checks.append(await _guard("broadcast from the database",
+                                   check_database_broadcast(conn)))
         return checks
     finally:
         await conn.close()
@@ -421,7 +460,7 @@ async def _cron_checks(
 # -- the listener's Realtime settings ------------------------------------------------------
 
 def check_key(key: str, variable: str) -> Check:
-    """The kind of key the listener needs: it hears every run insert and may broadcast."""
+    """The kind of key the listener needs: its subscription hears every run insert."""
     name = "realtime key"
     info = apikeys.classify(key)  # the listener's own classification (start-up check)
     if info.kind == "secret":
@@ -436,8 +475,7 @@ def check_key(key: str, variable: str) -> Check:
         return failed(name, f"{variable} is neither a JWT nor an sb_secret_ key: copy the "
                             "service_role (or secret) key from the project's API settings")
     return failed(name, f"{variable} holds a key with role {role}: the listener needs the "
-                        "service_role key (or an sb_secret_ key); with this one it hears no run "
-                        "and its progress broadcasts are dropped")
+                        "service_role key (or an sb_secret_ key); with this one it hears no run")
 
 
 async def realtime_checks(url: str, key: str, variable: str, timeout_s: float = 10) -> list[Check]:

@@ -104,8 +104,8 @@ class RunExecutor:
         self.solver.close()
 
     # -- UI events, in order, never delaying the run ----------------------------------------
-    def _announce(self, event: UiEvent) -> None:
-        self._in_order(lambda: self.events.publish(event))
+    def _announce(self, run: ClaimedRun, event: UiEvent) -> None:
+        self._in_order(lambda: self.events.publish(event, run.lease))
 
     def _in_order(self, make: Callable[[], Awaitable[Any]]) -> None:
         """Send a best-effort event after the previous one, without waiting for it here.
@@ -205,7 +205,7 @@ class RunExecutor:
     ) -> Result:
         """Load and solve; returns what to write (nothing is written here)."""
         logger.info("run claimed (attempt {}/{})", run.attempts, run.max_attempts)
-        self._announce(StatusEvent(run_id=run.id, status=RunStatus.GENERATING,
+        self._announce(run, StatusEvent(run_id=run.id, status=RunStatus.GENERATING,
                                    phase=Phase.LOADING))
         t0 = time.monotonic()
         raw = await self.store.load_problem(run.id, run.lease)
@@ -230,7 +230,7 @@ class RunExecutor:
         # The next run's child loads while this one solves: in a burst every run but the
         # first starts solving at once.
         self.solver.prepare_next()
-        self._announce(StatusEvent(run_id=run.id, status=RunStatus.GENERATING,
+        self._announce(run, StatusEvent(run_id=run.id, status=RunStatus.GENERATING,
                                    phase=Phase.SOLVING))
         metrics.SOLVING.set(1)
         solve_started = time.monotonic()
@@ -269,7 +269,7 @@ class RunExecutor:
         snapshot = None
         if result.lines is not None:
             assert result.metadata is not None
-            self._announce(StatusEvent(run_id=run.id, status=RunStatus.GENERATING,
+            self._announce(run, StatusEvent(run_id=run.id, status=RunStatus.GENERATING,
                                        phase=Phase.WRITING))
             w0 = time.monotonic()
             snapshot = await self.store.commit_plan(run, result.lines, result.metadata)
@@ -288,7 +288,7 @@ class RunExecutor:
         else:
             final = DoneEvent(run_id=run.id, status=result.status, error=result.error,
                               snapshot_id=snapshot, result=result.metadata)
-        self._announce(final)
+        self._announce(run, final)
         await self._all_sent()
         return result.outcome
 
@@ -314,7 +314,7 @@ class RunExecutor:
 
         Raises LeaseLost when the lease is gone.
         """
-        throttle = ProgressThrottle(self.events, self.s.progress_interval_s)
+        throttle = ProgressThrottle(self.events, run.lease, self.s.progress_interval_s)
         shutdown_killed = False
 
         async def pump_progress() -> None:

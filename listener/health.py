@@ -2,7 +2,7 @@
 
 `/livez`   200 while the event loop answers (a blocked loop is the failure that matters).
 `/readyz`  200 when the database answers, the Realtime subscription is live, the engine role's
-           self-check passes and the key is accepted for broadcasts, else 503 with the
+           self-check passes and the database accepts its broadcasts, else 503 with the
            reason; a listener that is not ready still catches up by polling (unless its
            self-check fails: then it claims nothing), so platforms should alert on it
            rather than restart it.

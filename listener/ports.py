@@ -1,7 +1,7 @@
 """The executor's three collaborators, as small Protocols (the pgqueuer way).
 
 `RunExecutor` only knows these shapes, so its state machine runs against the real adapters in
-production (`listener.db.EngineDB`, `listener.broadcast.Broadcaster`,
+production (`listener.db.EngineDB`, `listener.broadcast.DbBroadcaster`,
 `listener.solving.ChildProcessSolver`) and against in-memory fakes in milliseconds in tests
 (tests/support/fakes.py).
 """
@@ -60,9 +60,12 @@ class RunStore(Protocol):
 
 
 class EventSink(Protocol):
-    """Where UI events go. Best effort: returns False on failure, never raises."""
+    """Where UI events go. Best effort: returns False on failure, never raises.
 
-    async def publish(self, event: UiEvent) -> bool: ...
+    Each event is sent under the lease of its run (the database sends it only for the lease's
+    holder: planner_engine.broadcast)."""
+
+    async def publish(self, event: UiEvent, lease: uuid.UUID) -> bool: ...
 
 
 class RunningSolve(Protocol):

@@ -39,9 +39,9 @@ class ListenerSettings(BaseSettings):
     )
     service_role_key: SecretStr = Field(
         validation_alias=AliasChoices("SUPABASE_SECRET_KEY", "SUPABASE_SERVICE_ROLE_KEY"),
-        description="Secret API key (sb_secret_...) or the legacy service_role JWT: hears every "
-                    "run insert and broadcasts progress. SUPABASE_SECRET_KEY wins when both "
-                    "are set.",
+        description="Secret API key (sb_secret_...) or the legacy service_role JWT, for the "
+                    "Realtime subscription that hears every run insert (progress is broadcast "
+                    "by the database). SUPABASE_SECRET_KEY wins when both are set.",
     )
     database_pooler: Literal["auto", "direct", "session", "transaction"] = Field(
         "auto",

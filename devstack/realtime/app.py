@@ -28,6 +28,7 @@ from devstack.realtime.changes import ChangeDispatcher
 from devstack.realtime.channel import Channel
 from devstack.realtime.connection import Connection
 from devstack.realtime.database import Database
+from devstack.realtime.db_broadcast import DatabaseBroadcasts
 from devstack.realtime.hub import Hub
 from devstack.realtime.limits import MAX_EVENTS_PER_SECOND, TICK_S, RateCounter, batch_refusal
 from devstack.realtime.replication import ReplicationStream
@@ -69,6 +70,8 @@ class Server:
         self.db = Database(database_url)
         self.hub = Hub(on_delivered=self.count_delivery)
         self.changes = ChangeDispatcher(self.db, self.db_events)
+        #: realtime.messages inserts (realtime.send) are broadcast; other changes dispatched
+        self.db_broadcasts = DatabaseBroadcasts(self.hub, self.events, self.changes.on_change)
         self.connections: set[Connection] = set()
         self.stream: ReplicationStream | None = None
         self.db_ready = False
@@ -79,7 +82,7 @@ class Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.stream = ReplicationStream(
-            self.database_url, loop, self.changes.on_change, self._on_stream_state
+            self.database_url, loop, self.db_broadcasts.on_change, self._on_stream_state
         )
         self.stream.start()
         self.events.start()
@@ -138,6 +141,7 @@ class Server:
             "database": self.db_ready,
             "connections": len(self.connections),
             "changes_delivered": self.changes.delivered,
+            "database_broadcasts": self.db_broadcasts.sent,
             # The rate counters' last averages and whether they are over the tenant limit.
             "rate": {
                 name: {"avg": counter.avg, "limited": counter.triggered}

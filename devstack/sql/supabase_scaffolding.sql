@@ -113,6 +113,33 @@ as $$
 $$;
 grant execute on function realtime.topic() to anon, authenticated, service_role;
 
+-- Broadcast from the database, with hosted's contract (supabase/realtime's tenant migrations):
+-- a message row in realtime.messages, which Realtime streams out of the WAL to the topic's
+-- subscribers (private topics: those whose join the read policies admitted). The caller's
+-- privileges and RLS decide whether the row may be written, with `realtime.topic` set as in a
+-- private channel's probes; any failure is a WARNING and nothing is sent, as on hosted (the
+-- caller's transaction carries on). Like hosted: a payload without an `id` key gets the
+-- message's id, and EXECUTE is left to PUBLIC.
+create or replace function realtime.send(
+  payload jsonb, event text, topic text, private boolean default true
+) returns void
+language plpgsql
+as $$
+declare
+  v_id uuid := gen_random_uuid();
+begin
+  begin
+    perform set_config('realtime.topic', topic, true);
+    insert into realtime.messages (id, payload, event, topic, private, extension)
+    values (v_id,
+            case when payload ? 'id' then payload else payload || jsonb_build_object('id', v_id) end,
+            event, topic, private, 'broadcast');
+  exception when others then
+    raise warning 'WarnSendingBroadcastMessage: %', sqlerrm;
+  end;
+end
+$$;
+
 -- pg_cron can only live in the database named by cron.database_name (as on Supabase,
 -- where that is `postgres`). Other local databases (test clones) go without it.
 do $$

@@ -34,3 +34,12 @@ select 1;
 -- name: self_check
 -- What the engine role cannot see for itself (planner_engine.self_check, one row per check).
 select check_name, ok, severity, detail from planner_engine.self_check($1::text);
+
+-- name: broadcast
+-- One UI event on the run's private topic, sent by the database (realtime.send) and fenced on
+-- the lease: PL001 and nothing sent when this listener does not hold the run.
+select planner_engine.broadcast($1::uuid, $2::uuid, $3::text, $4::jsonb);
+
+-- name: announce_queued
+-- Queue positions of runs still PENDING (no lease before the claim); returns how many were sent.
+select planner_engine.announce_queued($1::uuid[], $2::integer[]);

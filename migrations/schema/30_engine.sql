@@ -414,7 +414,9 @@ begin
     'planner_engine.commit_plan(uuid, uuid, uuid, jsonb, jsonb)',
     'planner_engine.finish_run(uuid, uuid, text, text, jsonb)',
     'planner_engine.write_logs(jsonb)',
-    'planner_engine.pending_runs(integer)'
+    'planner_engine.pending_runs(integer)',
+    'planner_engine.broadcast(uuid, uuid, text, jsonb)',
+    'planner_engine.announce_queued(uuid[], integer[])'
   ] loop
     check_name := 'execute ' || v_fn;
     severity := 'error';
@@ -552,6 +554,92 @@ language sql volatile security definer set search_path = ''
 as $$
   select planner_private.sweep_stale_runs(s.stale_run_ttl, s.pending_run_ttl)
     from planner_engine.settings s where s.id
+$$;
+
+-- -- progress for the UI: broadcast from the database (issue 14) -------------------------------
+-- The UI follows a run on the private Realtime topic `planner_run:<run id>` (members only:
+-- policy planner_run_members_read). The listener used to send these events through
+-- Realtime's REST API with the service-role key; the database sends them now, with
+-- realtime.send (a row in realtime.messages that Realtime streams to the topic), so the key
+-- is needed for the listener's own subscription only (docs/database.md, "The service-role
+-- key"). The engine role reaches realtime.send only through these two functions.
+--
+-- broadcast: one event of a run the caller holds, fenced like write_logs: the run's current
+-- lease (GENERATING), or its last lease for settings.log_grace after it was released, so the
+-- attempt's last event (`done`, or the hand-back `status`), sent just after commit_plan /
+-- finish_run, still goes out. Anything else raises PL001 and sends nothing. The event is one
+-- of the UI's three (listener/events.py); the payload must be a JSON object of at most 64 kB
+-- and its `run_id` is always the run's. realtime.send adds an `id` (the message's) to the
+-- payload, on hosted Supabase as locally; UIs ignore fields they do not know.
+create function planner_engine.broadcast(
+  p_run_id uuid, p_lease uuid, p_event text, p_payload jsonb
+) returns void
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  v_grace interval;
+  v_digest uuid := planner_private.lease_digest(p_lease);
+  v_status text;
+begin
+  if p_event is null or p_event not in ('status', 'progress', 'done') then
+    raise exception using errcode = '22023',
+      message = format('broadcast: unknown event %L (status, progress or done)', p_event);
+  end if;
+  if p_payload is null or jsonb_typeof(p_payload) <> 'object'
+     or pg_catalog.octet_length(p_payload::text) > 65536 then
+    raise exception using errcode = '22023',
+      message = 'broadcast: the payload must be a JSON object of at most 64 kB';
+  end if;
+  select s.log_grace into strict v_grace from planner_engine.settings s where s.id;
+  select r.status into v_status from public.allocation_planner_runs r where r.id = p_run_id;
+  if not exists (
+    select 1
+      from public.allocation_planner_runs r
+      left join planner_private.released_leases rl on rl.run_id = r.id
+     where r.id = p_run_id
+       and ((r.status = 'GENERATING' and r.lease = v_digest)
+            or (rl.lease = v_digest and rl.released_at > now() - v_grace))) then
+    perform planner_private.raise_lease_lost(p_run_id, v_status);
+  end if;
+  perform realtime.send(p_payload || jsonb_build_object('run_id', p_run_id), p_event,
+                        'planner_run:' || p_run_id::text, true);
+end
+$$;
+
+-- announce_queued: the `status` event of runs still waiting in a listener's queue, with their
+-- place in it (1 = next). No lease exists before the claim, so this one is not fenced: it
+-- sends only this fixed shape (listener.events.StatusEvent with status PENDING, phase
+-- queued), only for runs that are PENDING now, and skips the others (a run claimed meanwhile
+-- by another worker). Positions are the caller's, 1 to 10000. Returns how many were sent.
+-- A stolen engine credential can thus show wrong queue positions for waiting runs; nothing
+-- else.
+create function planner_engine.announce_queued(p_run_ids uuid[], p_positions integer[])
+returns integer
+language plpgsql volatile security definer set search_path = ''
+as $$
+declare
+  n integer := 0;
+  v record;
+begin
+  if p_run_ids is null or p_positions is null
+     or cardinality(p_run_ids) <> cardinality(p_positions) or cardinality(p_run_ids) > 1000
+     or exists (select 1 from unnest(p_positions) p where p is null or p < 1 or p > 10000) then
+    raise exception using errcode = '22023',
+      message = 'announce_queued: one position (1 to 10000) per run id, at most 1000 runs';
+  end if;
+  for v in
+    select q.run_id, q.pos
+      from unnest(p_run_ids, p_positions) as q(run_id, pos)
+      join public.allocation_planner_runs r on r.id = q.run_id and r.status = 'PENDING'
+  loop
+    perform realtime.send(
+      jsonb_build_object('version', 1, 'run_id', v.run_id, 'status', 'PENDING',
+                         'phase', 'queued', 'position', v.pos),
+      'status', 'planner_run:' || v.run_id::text, true);
+    n := n + 1;
+  end loop;
+  return n;
+end
 $$;
 
 -- -- what users call ---------------------------------------------------------------------------

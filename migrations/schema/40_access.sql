@@ -77,7 +77,9 @@ grant execute on function
   planner_engine.write_logs(jsonb),
   planner_engine.pending_runs(integer),
   planner_engine.sweep_stale_runs(),
-  planner_engine.self_check(text)
+  planner_engine.self_check(text),
+  planner_engine.broadcast(uuid, uuid, text, jsonb),
+  planner_engine.announce_queued(uuid[], integer[])
   to planner_engine, service_role;
 grant usage on schema planner_engine to service_role;
 
@@ -214,13 +216,27 @@ grant execute on function planner_private.purge_history(uuid) to service_role;
 
 -- -- Realtime ---------------------------------------------------------------------------------
 -- Private channel `planner_run:<run id>`: members of the run's organisation may join and read
--- (broadcast and presence). No INSERT policy: users cannot send on it; the listener
--- broadcasts with the service-role key, which bypasses RLS.
+-- (broadcast and presence). Users cannot send on it (no INSERT policy for them); the engine's
+-- events come from the database (planner_run_engine_send below), so realtime.messages keeps
+-- them (hosted: for days): the row's own topic must be the channel's too, or a member who sets
+-- `realtime.topic` to a run of their own could read every organisation's stored messages.
 drop policy if exists planner_run_members_read on realtime.messages;
 create policy planner_run_members_read on realtime.messages
   for select to authenticated
   using (extension in ('broadcast', 'presence')
+         and topic = (select realtime.topic())
          and planner_private.can_read_run_topic((select realtime.topic())));
+
+-- The UI's events are sent by the database (planner_engine.broadcast / announce_queued call
+-- realtime.send as their owner, the migration runner: `postgres` on hosted Supabase). On
+-- hosted that role owns no realtime table; should it not bypass RLS, this policy is what lets
+-- those functions write the message rows, and only on run topics. Nobody else gets an INSERT
+-- policy on them: users and the API roles cannot send on a run's topic.
+drop policy if exists planner_run_engine_send on realtime.messages;
+create policy planner_run_engine_send on realtime.messages
+  for insert to postgres
+  with check (extension = 'broadcast' and private
+              and topic ~ '^planner_run:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$');
 
 -- Private channel `planner-engine-runs`: the listener's wake-ups (postgres_changes on
 -- allocation_planner_runs). It joins privately because a project with public channels

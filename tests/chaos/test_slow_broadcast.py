@@ -7,7 +7,9 @@ broadcast waits up to 3 s for Realtime; when Realtime was slow (the 100-run burs
 local server with queue-position broadcasts) a live listener went 6+ s without a heartbeat, the
 sweeper at a short TTL re-queued its run, and runs ended FAILED after max_attempts. Here a real
 HTTP server that never answers stands in for a hung Realtime; the run must keep a fresh
-heartbeat from claim to completion.
+heartbeat from claim to completion. (Since issue 14 the events go through the database,
+planner_engine.broadcast, not Realtime's REST API; they are still sent without being awaited,
+and a hung Realtime must still cost nothing but the wake-ups.)
 """
 
 from __future__ import annotations

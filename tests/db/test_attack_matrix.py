@@ -103,6 +103,10 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "planner_engine.sweep_stale_runs()": (D, D, D, D, "ok"),
     "planner_private.sweep_stale_runs('0 seconds', '0 seconds')": (D, D, D, D, D),
     "planner_engine.self_check()": (D, D, D, D, "ok"),
+    "planner_engine.broadcast(A's run, forged lease)": (D, D, D, D, "PL001"),
+    "planner_engine.broadcast(A's run, the lease column as members read it)":
+        (D, D, D, D, "PL001"),
+    "planner_engine.announce_queued([A's pending run, A's generating run])": (D, D, D, D, "ok"),
 }
 #: Why an `ok` cell is harmless (checked in the test, not only stated).
 RPC_NOTES = {
@@ -124,6 +128,11 @@ RPC_NOTES = {
     "planner_engine.self_check()":
         "reports the login's own grants and the newest migration's version: no tenant data, "
         "writes nothing",
+    "planner_engine.announce_queued([A's pending run, A's generating run])":
+        "no lease exists before the claim: it sends one fixed message, status PENDING / phase "
+        "queued with the given position, on the topic of each run that is PENDING now (the "
+        "GENERATING run is skipped); a thief can show wrong queue positions, nothing else. "
+        "It writes no table of a tenant (one realtime.messages row per message)",
 }
 
 
@@ -165,6 +174,8 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_engine.pending_runs(integer)": ("", "", "execute"),
     "planner_engine.sweep_stale_runs()": ("", "", "execute"),
     "planner_engine.self_check(text)": ("", "", "execute"),
+    "planner_engine.broadcast(uuid,uuid,text,jsonb)": ("", "", "execute"),
+    "planner_engine.announce_queued(uuid[],integer[])": ("", "", "execute"),
     "planner_private.has_role(uuid,text[])": ("", "execute", ""),
     "planner_private.is_member(uuid)": ("", "execute", ""),
     "planner_private.can_plan(uuid)": ("", "execute", ""),
@@ -198,7 +209,7 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
 #: migrations' to decide, listed once so that nothing else can hide among them.
 SUPABASE_OWNED = frozenset({
     "auth.users", "auth.uid()", "auth.role()", "auth.jwt()",
-    "realtime.messages", "realtime.topic()",
+    "realtime.messages", "realtime.topic()", "realtime.send(jsonb,text,text,boolean)",
     "supabase_migrations.schema_migrations",
 })
 #: Every RLS policy, on any table (the migrations add some to realtime.messages):
@@ -231,6 +242,9 @@ POLICIES: dict[tuple[str, str], tuple[str, str]] = {
     ("public.planner_execution_logs", "members_read"): ("SELECT", "authenticated"),
     ("realtime.messages", "planner_run_members_read"): ("SELECT", "authenticated"),
     ("realtime.messages", "planner_engine_runs_listener_read"): ("SELECT", "service_role"),
+    # the owner of planner_engine.broadcast / announce_queued (the migration runner) writes the
+    # UI's messages with realtime.send, on run topics only
+    ("realtime.messages", "planner_run_engine_send"): ("INSERT", "postgres"),
 }
 #: Functions an API role may execute that have no behavioural cell, and why none is needed.
 REACHABLE_WITHOUT_CELLS = {
@@ -586,6 +600,17 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
         elif name.startswith("planner_private.sweep_stale_runs"):
             await conn.fetchval(
                 "select planner_private.sweep_stale_runs('0 seconds', '0 seconds')")
+        elif name.startswith("planner_engine.broadcast(A's run, forged"):
+            await conn.execute("select planner_engine.broadcast($1, $2, 'done', '{}')",
+                               f.gen_run, forged)
+        elif name.startswith("planner_engine.broadcast(A's run, the lease column"):
+            await conn.execute("select planner_engine.broadcast($1, $2, 'done', '{}')",
+                               f.gen_run, f.gen_lease_column)
+        elif name.startswith("planner_engine.announce_queued"):
+            n = await conn.fetchval(
+                "select planner_engine.announce_queued($1::uuid[], array[1, 2])",
+                [f.pending_run, f.gen_run])
+            assert n == 1
         elif name.startswith("planner_engine.self_check"):
             rows = await conn.fetch("select * from planner_engine.self_check(null)")
             text = json.dumps([dict(r) for r in rows])

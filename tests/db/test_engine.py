@@ -657,7 +657,7 @@ async def test_engine_functions_are_security_definer_with_empty_search_path(
         " from pg_proc p where p.pronamespace = 'planner_engine'::regnamespace")
     assert {r["proname"] for r in rows} == {
         "claim_run", "heartbeat", "load_problem", "commit_plan", "finish_run", "pending_runs",
-        "write_logs", "sweep_stale_runs", "self_check"}
+        "write_logs", "sweep_stale_runs", "self_check", "broadcast", "announce_queued"}
     for r in rows:
         assert r["prosecdef"] and r["proconfig"] == ['search_path=""'], r["proname"]
         assert not r["auth_x"] and not r["anon_x"] and r["engine_x"] and r["service_x"]
@@ -690,7 +690,7 @@ async def test_run_channel_readable_by_members_only(
     assert not await can_read(None, role="anon")
     assert not await can_read(world.a.viewer, t="planner_run:not-a-uuid")
     assert not await can_read(world.a.viewer, t="planner_run:00000000-0000-0000-0000-000000000000")
-    # nobody but the engine (service role) may send on it
+    # users may not send on it (the engine's messages come from planner_engine.broadcast)
     for sub in (world.a.planner, world.a.admin):
         async with expect_sqlstate("42501"), acting_as(pg, "authenticated", sub=sub) as c:
             await c.execute("select set_config('realtime.topic', $1, true)", topic)

@@ -55,11 +55,12 @@ def test_doctor_passes_on_the_local_stack(dev_settings: DevSettings):
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
     names = ["database", "schema", "pg_cron", "sweeper", "realtime publication", "engine role",
-             "realtime key", "realtime reachable", "private channels"]
+             "broadcast from the database", "realtime key", "realtime reachable",
+             "private channels"]
     assert [line.split(":", 1)[0].split(None, 1)[1] for line in lines] == names, res.stdout
     assert all(line.startswith("ok ") for line in lines), res.stdout
     report = as_report(run_doctor({"DATABASE_URL": env["DATABASE_URL"]}, "--json"))
-    assert report["ok"] and len(report["checks"]) == 6
+    assert report["ok"] and len(report["checks"]) == 7
 
 
 def test_doctor_fails_on_a_database_without_pg_cron(dev_settings: DevSettings, db_name: str):
@@ -107,7 +108,7 @@ def test_doctor_fails_on_an_unmigrated_database(dev_settings: DevSettings, unmig
     assert any(line.startswith("FAIL schema: not migrated") and "`planner migrate`" in line
                for line in fails), res.stdout
     # Every check answered with one line, none crashed on the missing objects.
-    assert len(res.stdout.splitlines()) == 5, res.stdout
+    assert len(res.stdout.splitlines()) == 6, res.stdout
 
 
 def test_doctor_fails_on_the_anon_key(dev_settings: DevSettings):
@@ -177,6 +178,30 @@ async def test_doctor_names_a_wrong_replica_identity(dev_settings: DevSettings, 
         assert "replica identity full, the migrations set default" in pub.detail
     finally:
         await conn.execute("alter table public.allocation_planner_runs replica identity default")
+        await conn.close()
+
+
+async def test_doctor_names_an_owner_that_cannot_broadcast(
+    dev_settings: DevSettings, db_name: str,
+):
+    """realtime.send turns a refused insert into a WARNING, so an owner of
+    planner_engine.broadcast that may not write realtime.messages would drop every UI event
+    silently: doctor names it. (A temporary role, cluster-wide, dropped after.)"""
+    dsn = dev_settings.dsn(db_name)
+    role = f"doctor_owner_{uuid.uuid4().hex[:8]}"
+    fn = "planner_engine.broadcast(uuid, uuid, text, jsonb)"
+    conn = await asyncpg.connect(dsn)
+    try:
+        name = "broadcast from the database"
+        ok = {c.name: c for c in await doctor.database_checks(dsn)}[name]
+        assert ok.ok and "bypasses RLS" in ok.detail, ok.detail  # the local owner: a superuser
+        await conn.execute(f'create role "{role}"; grant usage, create on schema'
+                           f' planner_engine to "{role}"; alter function {fn} owner to "{role}"')
+        check = {c.name: c for c in await doctor.database_checks(dsn)}[name]
+        assert not check.ok and f"{role}, the owner of" in check.detail, check.detail
+    finally:
+        await conn.execute(f"alter function {fn} owner to current_user")
+        await conn.execute(f'drop owned by "{role}"; drop role if exists "{role}"')
         await conn.close()
 
 

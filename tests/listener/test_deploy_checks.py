@@ -16,7 +16,8 @@ import pytest
 from devstack import keys
 from devstack.seed import SeededOrganization
 from devstack.settings import DevSettings
-from listener.broadcast import Broadcaster
+from listener.broadcast import DbBroadcaster
+from listener.db import EngineDB
 from tests.listener.conftest import ListenerFactory
 from tests.support.harness import (
     PLANNER,
@@ -240,20 +241,28 @@ async def test_a_failed_recheck_pauses_claims_until_it_passes(
     await listener.wait_ready()
 
 
-async def test_a_refused_key_makes_broadcasts_not_ready(rt_server: RealtimeServer):
-    """A well-formed service_role JWT signed with another secret passes the start-up check,
-    but the server refuses its broadcasts: the broadcaster records it (what /readyz's
-    `broadcast` reports), instead of dropping progress events silently."""
+async def test_a_broadcast_the_database_refuses_is_reported(
+    db: asyncpg.Connection, engine_url: str,
+):
+    """Progress goes out through planner_engine's functions: a role that lost EXECUTE on them
+    drops every event, so the broadcaster records the refusal (what /readyz's `broadcast`
+    reports) until a broadcast succeeds again."""
     import uuid
 
-    forged = keys.api_key("service_role", "another-project-secret-of-at-least-32-chars")
-    bc = Broadcaster(rt_server.url, forged)
+    fn = "planner_engine.announce_queued(uuid[], integer[])"
+    engine = await EngineDB.connect(engine_url, max_size=1)
+    bc = DbBroadcaster(engine)
     try:
-        assert await bc.send(uuid.uuid4(), "status", {"status": "PENDING"}) is False
-        assert bc.auth_failure is not None and "401" in bc.auth_failure
+        await db.execute(f"revoke execute on function {fn} from planner_engine")
+        try:
+            assert await bc.announce_queued({uuid.uuid4(): 1}) is False
+            assert bc.failure is not None and bc.failure.startswith("42501"), bc.failure
+        finally:
+            await db.execute(f"grant execute on function {fn} to planner_engine")
+        assert await bc.announce_queued({uuid.uuid4(): 1}) is True  # no such run: 0 sent
+        assert bc.failure is None
     finally:
-        await bc.close()
-
+        await engine.close()
 
 
 async def test_the_secret_key_runs_the_listener_end_to_end(

@@ -178,13 +178,6 @@ def test_key_kinds(key: str, kind: str, ok: bool):
         assert key not in problem, "the key itself is never printed"
 
 
-def test_sb_keys_go_in_the_apikey_header_only():
-    """Hosted Supabase takes an sb_ key in `apikey`; it is not a JWT, so no bearer."""
-    assert apikeys.rest_headers("sb_secret_x") == {"apikey": "sb_secret_x"}
-    legacy = jwt_with({"role": "service_role"})
-    assert apikeys.rest_headers(legacy) == {"apikey": legacy, "Authorization": f"Bearer {legacy}"}
-
-
 def test_every_deploy_guide_link_in_messages_has_its_section():
     """Error lines point operators at docs/deploy.md#<section>: each section must exist."""
     import re

@@ -109,9 +109,11 @@ class RecordingSink:
 
     def __init__(self) -> None:
         self.events: list[UiEvent] = []
+        self.leases: list[uuid.UUID] = []  # the lease each event was sent under
 
-    async def publish(self, event: UiEvent) -> bool:
+    async def publish(self, event: UiEvent, lease: uuid.UUID) -> bool:
         self.events.append(event)
+        self.leases.append(lease)
         return True
 
     def names(self) -> list[str]:
