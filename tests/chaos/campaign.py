@@ -53,6 +53,7 @@ from devstack import stack
 from devstack.postgres import Cluster
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL
 from tests.support.harness import (
     TERMINAL,
     ListenerProcess,
@@ -232,7 +233,7 @@ async def build_world(conn: asyncpg.Connection, settings: DevSettings) -> list[S
         await _clone_allocation_run(conn, big.id, big.allocation_run_id, k)
         for k in range(1, LARGE_ARS)]]
     # The campaign inserts hundreds of runs; the hourly limit has its own tests (tests/db).
-    await conn.execute("update organizations set max_runs_per_hour = 1000000")
+    await conn.execute(GENEROUS_DEFAULT_LIMITS_SQL, 1000000)
     for s in slots:
         await _baseline_plan(conn, s.org.id, s.allocation_run_id, s.org.suggested_n_job_lines)
     return slots

@@ -14,6 +14,7 @@ import pytest
 
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL
 from tests.support.harness import ListenerProcess, listener_env
 from tests.support.realtime import RealtimeServer
 
@@ -28,7 +29,7 @@ async def orgs(dev_settings: DevSettings, db_url: str) -> list[SeededOrganizatio
         made = [await seed_organization(conn, dev_settings, f"Attack {n}", instance_seed=i,
                                         **SMALL)  # type: ignore[arg-type]
                 for i, n in enumerate("AB")]
-        await conn.execute("update organizations set max_runs_per_hour = 100000")
+        await conn.execute(GENEROUS_DEFAULT_LIMITS_SQL, 100000)
         return made
     finally:
         await conn.close()
