@@ -1,0 +1,318 @@
+"""Issue 13, limits and ledger: one limits table, refusals at insert, a ledger deleting cannot
+reset. Findings 1 (delete-to-reset), 3 (a giant problem) and 4 (oversized options, a 200,000
+element constraints array, a restore flood) each have a test here that failed on the schema
+before. Limits are set small per organisation instead of inserting huge inputs, so the
+module stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.db.conftest import (
+    Org,
+    as_user,
+    claim,
+    expect_sqlstate,
+    insert_run,
+    new_allocation_run,
+    new_org,
+    plan_json,
+    request_run,
+)
+from tests.support.roles import acting_as
+
+INSERT_RUN = ("insert into allocation_planner_runs (organization_id, allocation_run_id,"
+              " n_job_lines, constraints, options) values ($1, $2, 2, $3, $4) returning id::text")
+
+
+async def limited_org(su: asyncpg.Connection, name: str, **limits: Any) -> Org:
+    """A new organisation whose own limits row sets `limits` (the rest: the defaults)."""
+    org = await new_org(su, name, runs_per_hour=None)
+    if limits:
+        await set_limits(su, org.id, **limits)
+    return org
+
+
+async def set_limits(su: asyncpg.Connection, org_id: str, **limits: Any) -> None:
+    cols = ", ".join(limits)
+    args = ", ".join(f"${i + 2}" for i in range(len(limits)))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in limits)
+    await su.execute(f"insert into planner_engine.limits (organization_id, {cols}) values ($1,"
+                     f" {args}) on conflict (organization_id) do update set {updates}",
+                     org_id, *limits.values())
+
+
+async def refused(pg: asyncpg.Connection, org: Org, ar: str, *, constraints: list[str] | None
+                  = None, options: dict[str, Any] | None = None) -> asyncpg.PostgresError:
+    """The error of a planner's run request that must be refused."""
+    try:
+        await as_user(pg, org.planner, INSERT_RUN, org.id, ar, constraints or [],
+                      json.dumps(options or {}))
+    except asyncpg.PostgresError as exc:
+        return exc
+    raise AssertionError("the request was accepted")
+
+
+async def ask(pg: asyncpg.Connection, org: Org, ar: str, options: dict[str, Any] | None = None,
+              constraints: list[str] | None = None) -> str:
+    rows = await as_user(pg, org.planner, INSERT_RUN, org.id, ar, constraints or [],
+                         json.dumps(options or {}))
+    return str(rows[0]["id"])
+
+
+async def ars(su: asyncpg.Connection, org: Org, n: int) -> list[str]:
+    return [(await new_allocation_run(su, org.id, n_terms=1))[0] for _ in range(n)]
+
+
+async def counts(conn: asyncpg.Connection) -> dict[str, int]:
+    return {r["reason"]: r["refusals"]
+            for r in await conn.fetch("select * from planner_engine.refusal_counts()")}
+
+
+# -- finding 1: deleting does not reset the budget -------------------------------------------
+async def test_deleting_allocation_runs_does_not_reset_the_hourly_limit(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    """Refused with PL014, a planner's admin deleted the allocation runs (their runs went with
+    them by the cascade) and the next request passed. The ledger keeps counting them."""
+    org = await limited_org(su, "Deleting Health", runs_per_hour=3)
+    first = await ars(su, org, 4)
+    for ar in first[:3]:
+        await ask(pg, org, ar)
+    exc = await refused(pg, org, first[3])
+    assert exc.sqlstate == "PL014" and "3 planner runs in the last hour (limit 3)" in str(exc)
+    assert "wait until" in (exc.hint or "")
+    await as_user(pg, org.admin, "delete from allocation_runs where id = any($1::uuid[])", first)
+    assert await su.fetchval("select count(*) from allocation_planner_runs"
+                             " where organization_id = $1", org.id) == 0
+    (again,) = await ars(su, org, 1)
+    assert (await refused(pg, org, again)).sqlstate == "PL014"
+    outcomes = await su.fetch("select outcome, settled_at is not null as settled"
+                              " from planner_private.usage_ledger where organization_id = $1",
+                              org.id)
+    assert [(r["outcome"], r["settled"]) for r in outcomes] == [("DELETED", True)] * 3
+
+
+async def test_deleting_a_generating_run_charges_its_time_limit(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    """A run deleted while its listener solves keeps its whole reservation: deleting and asking
+    again must not be cheaper than waiting."""
+    org = await limited_org(su, "Generating Health", solver_seconds_per_hour=100)
+    ar1, ar2 = await ars(su, org, 2)
+    run = await ask(pg, org, ar1, {"time_limit_seconds": 60})
+    assert await claim(su, run) is not None
+    await as_user(pg, org.admin, "delete from allocation_runs where id = $1", ar1)
+    exc = await refused(pg, org, ar2, options={"time_limit_seconds": 60})
+    assert exc.sqlstate == "PL042"
+    assert "reserves 60 solver-seconds" in str(exc) and "60 in the last hour (limit 100" in str(exc)
+    assert "time_limit_seconds of at most 40" in (exc.hint or "")
+    await ask(pg, org, ar2, {"time_limit_seconds": 40})
+
+
+# -- finding 4: the size of a request ---------------------------------------------------------
+async def test_oversized_options_are_refused(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    """An 18 MB options object was accepted (and, with the row's replica identity, written to
+    the WAL again at every heartbeat). Now refused above max_options_bytes (default 8 kB)."""
+    org = await limited_org(su, "Chatty Health")
+    (ar,) = await ars(su, org, 1)
+    exc = await refused(pg, org, ar, options={"time_limit_seconds": 1, "junk": "x" * 20_000})
+    assert exc.sqlstate == "PL041"
+    assert "options are 20037 bytes (limit 8192 bytes)" in str(exc), str(exc)
+    await ask(pg, org, ar, {"time_limit_seconds": 1, "stability": "prefer"})
+
+
+async def test_a_200000_element_constraints_array_is_refused(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    """200,000 valid codes were accepted (and checked code by code). Refused by their number
+    before any per-code work; the service role too."""
+    org = await limited_org(su, "Listy Health")
+    (ar,) = await ars(su, org, 1)
+    exc = await refused(pg, org, ar, constraints=["AMC_PGY1"] * 200_000)
+    assert exc.sqlstate == "PL041" and "200000 rule-set codes (limit 32)" in str(exc)
+    async with expect_sqlstate("PL041"):
+        await insert_run(su, org.id, ar, constraints=["NO_NIGHTS"] * 33)
+    await ask(pg, org, ar, constraints=["NO_NIGHTS", "NO_NIGHTS"])
+
+
+async def test_restores_per_hour(pg: asyncpg.Connection, su: asyncpg.Connection) -> None:
+    """200 restore_job_lines calls made 201 snapshots. Now restores_per_hour applies (with the
+    ledger, so deleting snapshots' allocation run changes nothing), and a refused restore
+    writes no snapshot."""
+    org = await limited_org(su, "Restoring Health", restores_per_hour=3)
+    ar, terms = await new_allocation_run(su, org.id, n_terms=2, teams=org.teams)
+    for offset in (0, 1):
+        run = await insert_run(su, org.id, ar)
+        c = await claim(su, run)
+        assert c is not None
+        await su.execute("select planner_engine.commit_plan($1, $2, $3, $4, '{}')",
+                         run, c["lease"], org.id, plan_json(org, terms, offset=offset))
+    snapshot = await su.fetchval("select id from job_lines_history where allocation_run_id = $1",
+                                 ar)
+    history = "select count(*) from job_lines_history where allocation_run_id = $1"
+    before = await su.fetchval(history, ar)
+    for _ in range(3):
+        await as_user(pg, org.planner, "select public.restore_job_lines($1)", snapshot)
+    try:
+        await as_user(pg, org.planner, "select public.restore_job_lines($1)", snapshot)
+    except asyncpg.PostgresError as exc:
+        assert exc.sqlstate == "PL045" and "restored 3 plans in the last hour (limit 3)" in str(exc)
+        assert "wait until" in (exc.hint or "")
+    else:
+        raise AssertionError("a fourth restore in an hour was accepted")
+    async with acting_as(pg, "service_role") as c, expect_sqlstate("PL045"):
+        await c.execute("select public.restore_job_lines($1)", snapshot)
+    assert await su.fetchval(history, ar) == before + 3
+
+
+# -- finding 3: the giant problem -------------------------------------------------------------
+@pytest.mark.parametrize(("limit", "value", "expected"), [
+    ("max_terms", 2, "has 3 terms (limit 2)"),
+    ("max_demand_rows", 14, "has 15 team_demand rows (limit 14)"),
+    ("max_teams", 4, "lists 5 teams"),
+])
+async def test_a_problem_beyond_the_limits_is_refused_at_insert(
+    pg: asyncpg.Connection, su: asyncpg.Connection, limit: str, value: int, expected: str
+) -> None:
+    """A 1-line run on 40,000 teams froze the listener. Teams, terms and demand rows of the
+    allocation run are counted when the run is requested (bounded counts) and refused."""
+    org = await limited_org(su, f"Giant Health {limit}", **{limit: value})
+    exc = await refused(pg, org, org.allocation_run_id)  # 5 teams x 3 terms of demand
+    assert exc.sqlstate == "PL040" and expected in str(exc), str(exc)
+    await set_limits(su, org.id, **{limit: value + 1})
+    await request_run(pg, org)
+
+
+async def test_a_problem_far_beyond_a_limit_is_counted_only_so_far(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    org = await limited_org(su, "Far Health", max_terms=1)
+    ar, _ = await new_allocation_run(su, org.id, n_terms=12)
+    exc = await refused(pg, org, ar)
+    assert "has more than 10 terms (limit 1)" in str(exc)
+
+
+# -- the queue, the budgets, the time cap ----------------------------------------------------
+async def test_queued_runs_at_once(pg: asyncpg.Connection, su: asyncpg.Connection) -> None:
+    org = await limited_org(su, "Queue Health", queued_runs=2)
+    a1, a2, a3 = await ars(su, org, 3)
+    first = await ask(pg, org, a1)
+    await ask(pg, org, a2)
+    exc = await refused(pg, org, a3)
+    assert exc.sqlstate == "PL043" and "2 planner runs pending or generating (limit 2)" in str(exc)
+    await as_user(pg, org.planner, "select public.request_cancel($1)", first)
+    await ask(pg, org, a3)
+
+
+async def test_solver_seconds_are_reserved_then_settled(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    """A run reserves its time_limit_s at insert; when an attempt ends, its time since the
+    claim (capped at the limit) is what counts; a run cancelled before a claim costs nothing."""
+    org = await limited_org(su, "Budget Health", solver_seconds_per_hour=100)
+    a1, a2, a3 = await ars(su, org, 3)
+    r1 = await ask(pg, org, a1, {"time_limit_seconds": 60})
+    assert (await refused(pg, org, a2, options={"time_limit_seconds": 60})).sqlstate == "PL042"
+    await as_user(pg, org.planner, "select public.request_cancel($1)", r1)  # never claimed
+    r2 = await ask(pg, org, a2, {"time_limit_seconds": 60})
+    c = await claim(su, r2)
+    assert c is not None
+    # the attempt ran 25 s, then the listener handed it back (a deploy), then 10 s more
+    await su.execute("update allocation_planner_runs set claimed_at = now() - interval '25 s'"
+                     " where id = $1", r2)
+    await su.execute("select planner_engine.finish_run($1, $2, 'PENDING')", r2, c["lease"])
+    ledger = ("select used_s, settled_at, outcome from planner_private.usage_ledger"
+              " where run_id = $1")
+    row = await su.fetchrow(ledger, r2)
+    assert 25 <= row["used_s"] < 27 and row["settled_at"] is None  # still queued
+    c = await claim(su, r2)
+    assert c is not None
+    await su.execute("update allocation_planner_runs set claimed_at = now() - interval '10 s'"
+                     " where id = $1", r2)
+    await su.execute("select planner_engine.finish_run($1, $2, 'INFEASIBLE')", r2, c["lease"])
+    row = await su.fetchrow(ledger, r2)
+    assert 35 <= row["used_s"] < 38 and row["outcome"] == "INFEASIBLE"
+    assert await su.fetchval(ledger.replace("used_s, settled_at, outcome", "used_s"), r1) == 0
+    # 100 - ~35 used: a 60 s run fits again
+    await ask(pg, org, a3, {"time_limit_seconds": 60})
+
+
+async def test_the_daily_budget_outlives_the_hour(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    org = await limited_org(su, "Daily Health", solver_seconds_per_day=100)
+    a1, a2 = await ars(su, org, 2)
+    r1 = await ask(pg, org, a1, {"time_limit_seconds": 80})
+    await su.execute("update planner_private.usage_ledger set at = now() - interval '5 hours'"
+                     " where run_id = $1", r1)
+    exc = await refused(pg, org, a2, options={"time_limit_seconds": 30})
+    assert exc.sqlstate == "PL042" and "in the last 24 hours (limit 100 per day)" in str(exc)
+    await ask(pg, org, a2, {"time_limit_seconds": 20})
+
+
+async def test_time_limit_is_decided_at_insert(
+    pg: asyncpg.Connection, su: asyncpg.Connection
+) -> None:
+    """The listener's cap (PLANNER_SOLVER_TIME_LIMIT_S) is the row's time_limit_s now: what the
+    options ask for, capped at max_time_limit_s; the default when they do not say."""
+    org = await limited_org(su, "Timely Health", queued_runs=100)
+    cases: list[tuple[dict[str, Any], int]] = [
+        ({}, 30), ({"time_limit_seconds": 2.5}, 3), ({"time_limit_seconds": 10**300}, 120),
+        ({"time_limit_seconds": "soon"}, 30), ({"time_limit_seconds": -1}, 30)]
+    got = []
+    for options, _ in cases:
+        (ar,) = await ars(su, org, 1)
+        run = await ask(pg, org, ar, options)
+        got.append(await su.fetchval(
+            "select r.time_limit_s from allocation_planner_runs r join planner_private.usage_ledger"
+            " l on l.run_id = r.id and l.reserved_s = r.time_limit_s where r.id = $1", run))
+    assert got == [expected for _, expected in cases]
+    await set_limits(su, org.id, max_time_limit_s=10, default_time_limit_s=20)
+    (ar,) = await ars(su, org, 1)
+    run = await ask(pg, org, ar)
+    assert await su.fetchval("select time_limit_s from allocation_planner_runs where id = $1",
+                             run) == 10
+
+
+# -- tiers, counters ----------------------------------------------------------------------------
+async def test_a_tier_and_an_override(pg: asyncpg.Connection, su: asyncpg.Connection) -> None:
+    """Value by value: the organisation's own, else its tier's, else the default's."""
+    await su.execute("insert into planner_engine.limits (tier, runs_per_hour, max_job_lines)"
+                     " values ('tiny', 1, 3)")
+    org = await limited_org(su, "Tiny Health", on_tier="tiny")
+    a1, a2 = await ars(su, org, 2)
+    await ask(pg, org, a1)
+    assert (await refused(pg, org, a2)).sqlstate == "PL014"
+    await set_limits(su, org.id, runs_per_hour=2)
+    async with expect_sqlstate("PL011"):
+        await request_run(pg, org, allocation_run_id=a2, n_job_lines=4)
+    await request_run(pg, org, allocation_run_id=a2, n_job_lines=3)
+    resolved = await su.fetchrow("select * from planner_private.limits_of($1)", org.id)
+    assert (resolved["tier"], resolved["runs_per_hour"], resolved["max_job_lines"],
+            resolved["max_teams"]) == ("tiny", 2, 3, 1000)
+
+
+async def test_refusals_are_counted_through_the_rollback(
+    pg: asyncpg.Connection, su: asyncpg.Connection, engine: asyncpg.Connection
+) -> None:
+    """The refused INSERT rolls back; its count does not (a sequence per reason), and the
+    engine role reads the counts for /metrics."""
+    org = await limited_org(su, "Counted Health", queued_runs=0)
+    before = await counts(engine)
+    for _ in range(2):
+        assert (await refused(pg, org, org.allocation_run_id)).sqlstate == "PL043"
+    assert (await refused(pg, org, org.allocation_run_id,
+                          constraints=["NOPE"])).sqlstate == "PL010"
+    after = await counts(engine)
+    assert after["queued_runs"] == before["queued_runs"] + 2
+    assert after["unknown_rule_set"] == before["unknown_rule_set"] + 1
+    assert {k: v for k, v in after.items() if k not in ("queued_runs", "unknown_rule_set")} \
+        == {k: v for k, v in before.items() if k not in ("queued_runs", "unknown_rule_set")}
