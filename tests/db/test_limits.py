@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
+from listener import health, metrics
+from listener.db import EngineDB
 from tests.db.conftest import (
     Org,
     as_user,
@@ -316,3 +319,37 @@ async def test_refusals_are_counted_through_the_rollback(
     assert after["unknown_rule_set"] == before["unknown_rule_set"] + 1
     assert {k: v for k, v in after.items() if k not in ("queued_runs", "unknown_rule_set")} \
         == {k: v for k, v in before.items() if k not in ("queued_runs", "unknown_rule_set")}
+
+
+async def test_metrics_serve_the_database_refusal_counters(
+    pg: asyncpg.Connection, su: asyncpg.Connection, engine_url: str
+) -> None:
+    """/metrics re-reads the counters through the engine's own role at each scrape: a refusal
+    that rolled back shows up as planner_refusals_total{reason=...}."""
+    org = await limited_org(su, "Scraped Health", max_constraints=0)
+    db = await EngineDB.connect(engine_url, max_size=1)
+
+    async def refresh() -> None:
+        metrics.REFUSALS.update(await db.refusal_counts())
+
+    async def ready() -> dict[str, Any]:
+        return {}
+
+    runner = await health.serve(ready, "127.0.0.1", 0, refresh)
+    try:
+        port = runner.addresses[0][1]
+
+        async def scrape() -> float:
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+            return next(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith('planner_refusals_total{reason="constraints"}'))
+
+        before = await scrape()
+        assert (await refused(pg, org, org.allocation_run_id,
+                              constraints=["NO_NIGHTS"])).sqlstate == "PL041"
+        assert await scrape() == before + 1
+    finally:
+        await runner.cleanup()
+        await db.close()
