@@ -7,14 +7,19 @@ module stays fast.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
-from listener import health, metrics
+from listener import cli, health, metrics, ops
 from listener.db import EngineDB
 from tests.db.conftest import (
     Org,
@@ -353,3 +358,67 @@ async def test_metrics_serve_the_database_refusal_counters(
     finally:
         await runner.cleanup()
         await db.close()
+
+
+# -- operator commands (listener/ops.py) ------------------------------------------------------
+def _planner(db_url: str, *args: str) -> Result:
+    return CliRunner().invoke(cli.app, list(args), env={"DATABASE_URL": db_url})
+
+
+async def test_operator_commands_show_and_change_limits_and_the_ledger(
+    pg: asyncpg.Connection, su: asyncpg.Connection, db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ops.console, "width", 250)
+    org = await limited_org(su, "Operated Health")
+
+    async def planner(*args: str) -> Result:
+        return await asyncio.to_thread(_planner, db_url, *args)
+
+    # expected mistakes: one line each, naming the fix
+    for args, code, words in [
+        (("limits", "set", "--org", org.name, "--on-tier", "gold"), 1, "no tier 'gold'"),
+        (("limits", "set", "--org", org.name, "bogus=1"), 2, "known limit"),
+        (("limits", "set", "--org", org.name, "queued_runs=-1"), 2, "whole number"),
+        (("limits", "set", "--tier", "default", "queued_runs=inherit"), 2, "every value"),
+        (("limits", "show", "No Such Health"), 1, "no organisation"),
+        (("limits", "ledger", "No Such Health"), 1, "no organisation"),
+    ]:
+        result = await planner(*args)
+        assert result.exit_code == code, (args, result.output)
+        assert words in result.output and len(result.output.strip().splitlines()) == 1, \
+            result.output
+        assert "Traceback" not in result.output
+    assert (await planner("limits", "set", "--tier", "gold", "queued_runs=4")).exit_code == 0
+    result = await planner("limits", "set", "--org", org.id, "--on-tier", "gold",
+                           "runs_per_hour=5")
+    assert result.exit_code == 0 and "runs_per_hour=5" in result.output, result.output
+    resolved = await su.fetchrow("select * from planner_private.limits_of($1)", org.id)
+    assert (resolved["tier"], resolved["queued_runs"], resolved["runs_per_hour"]) == \
+        ("gold", 4, 5)
+    run = await request_run(pg, org)
+    shown = (await planner("limits", "show", org.name)).output
+    lines = {line.split()[1]: line for line in shown.splitlines() if line.startswith("│")}
+    assert "tier gold" in lines["queued_runs"] and "1 pending or generating" in \
+        lines["queued_runs"]
+    assert "organisation" in lines["runs_per_hour"] and "1 in the last hour" in \
+        lines["runs_per_hour"]
+    assert "default" in lines["max_teams"] and "1000" in lines["max_teams"]
+    assert "tier gold" in shown.splitlines()[0]
+    ledger = (await planner("limits", "ledger", org.name)).output
+    assert run in ledger and "queued" in ledger
+    assert (await planner("limits", "set", "--org", org.name, "runs_per_hour=inherit",
+                          "--on-tier", "none")).exit_code == 0
+    resolved = await su.fetchrow("select * from planner_private.limits_of($1)", org.id)
+    assert (resolved["tier"], resolved["runs_per_hour"]) == ("default", 30)
+    tiers = (await planner("limits", "show")).output
+    assert "gold" in tiers and "queued_runs" in tiers
+
+
+def test_the_commands_know_every_limit() -> None:
+    """LIMIT_KEYS (what `planner limits set` accepts) are exactly the limit columns."""
+    text = (Path(__file__).parents[2] / "migrations/schema/10_tables.sql").read_text()
+    table = text[text.index("create table planner_engine.limits ("):]
+    table = table[:table.index("\n);")]
+    columns = [m.group(1) for m in re.finditer(r"^  (\w+) integer check", table, re.MULTILINE)]
+    assert tuple(columns) == ops.LIMIT_KEYS
