@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
+from devstack.settings import DevSettings
+from devstack.stack import SCAFFOLDING_SQL
 from listener import cli, health, metrics, ops
 from listener.db import EngineDB
+from listener.migrate import CRON_DATABASE_GUC, MIGRATIONS_DIR
 from tests.db.conftest import (
     Org,
     as_user,
@@ -32,6 +36,7 @@ from tests.db.conftest import (
     plan_json,
     request_run,
 )
+from tests.support.databases import drop_database
 from tests.support.roles import acting_as
 
 INSERT_RUN = ("insert into allocation_planner_runs (organization_id, allocation_run_id,"
@@ -422,3 +427,60 @@ def test_the_commands_know_every_limit() -> None:
     table = table[:table.index("\n);")]
     columns = [m.group(1) for m in re.finditer(r"^  (\w+) integer check", table, re.MULTILINE)]
     assert tuple(columns) == ops.LIMIT_KEYS
+
+
+async def test_the_migration_moves_the_old_limits_and_starts_the_ledger(
+    dev_settings: DevSettings,
+) -> None:
+    """migrations/20261203000100 on a database with data: settings.max_job_lines and each
+    organizations.max_runs_per_hour land in the limits table, the runs get their time cap, and
+    the queued and recent runs their ledger entries (a queued one settles later as usual)."""
+    name = f"m_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(dev_settings.dsn())
+    try:
+        await admin.execute(f'create database "{name}"')
+    finally:
+        await admin.close()
+    conn = await asyncpg.connect(dev_settings.dsn(name))
+    try:
+        await conn.execute(SCAFFOLDING_SQL.read_text())
+        await conn.execute("select set_config($1, $2, false)", CRON_DATABASE_GUC,
+                           dev_settings.database)
+        this = MIGRATIONS_DIR / "20261203000100_limits_and_ledger.sql"
+        before = [p for p in sorted(MIGRATIONS_DIR.glob("*.sql")) if p.name < this.name]
+        for path in before:
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+        org = await conn.fetchval("insert into organizations (name, max_runs_per_hour)"
+                                  " values ('Old', 7) returning id")
+        ar1, ar2 = [await conn.fetchval("insert into allocation_runs (organization_id, name)"
+                                        " values ($1, $2) returning id", org, n)
+                    for n in ("one", "two")]
+        await conn.execute("update planner_engine.settings set max_job_lines = 321")
+        queued = await conn.fetchval(
+            "insert into allocation_planner_runs (organization_id, allocation_run_id,"
+            " n_job_lines, options) values ($1, $2, 2, '{\"time_limit_seconds\": 500}')"
+            " returning id", org, ar1)
+        done = await conn.fetchval(
+            "insert into allocation_planner_runs (organization_id, allocation_run_id,"
+            " n_job_lines, status, claimed_at, finished_at, options) values ($1, $2, 2,"
+            " 'COMPLETED', now() - interval '12 s', now(), '{\"time_limit_seconds\": 4.2}')"
+            " returning id", org, ar2)
+        async with conn.transaction():
+            await conn.execute(this.read_text())
+        limits = await conn.fetch("select tier, organization_id, runs_per_hour, max_job_lines"
+                                  " from planner_engine.limits order by tier")
+        assert [tuple(r) for r in limits] == [("default", None, 30, 321), (None, org, 7, None)]
+        caps = dict(await conn.fetch("select id, time_limit_s from allocation_planner_runs"))
+        assert caps == {queued: 120, done: 5}
+        ledger = {r["run_id"]: r for r in await conn.fetch(
+            "select * from planner_private.usage_ledger")}
+        assert ledger[queued]["settled_at"] is None and ledger[queued]["reserved_s"] == 120
+        assert ledger[done]["outcome"] == "COMPLETED" and ledger[done]["used_s"] == 5
+        await conn.execute("update allocation_planner_runs set status = 'CANCELLED',"
+                           " finished_at = now() where id = $1", queued)
+        assert await conn.fetchval("select outcome from planner_private.usage_ledger"
+                                   " where run_id = $1", queued) == "CANCELLED"
+    finally:
+        await conn.close()
+        await drop_database(dev_settings, name)
