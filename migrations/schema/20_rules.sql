@@ -348,7 +348,8 @@ begin
              '%s in the last hour (limit %s per hour)', r.time_limit_s,
              round(v_hour.solver_seconds), lim.solver_seconds_per_hour),
       concat_ws('; ', planner_private.wait_until(v_at),
-                format('or ask for a time_limit_seconds of at most %s',
+                format('%s a time_limit_seconds of at most %s',
+                       case when v_at is null then 'ask for' else 'or ask for' end,
                        floor(greatest(lim.solver_seconds_per_hour - v_hour.solver_seconds, 0))),
                 raise_it));
   end if;
@@ -361,7 +362,8 @@ begin
              '%s in the last 24 hours (limit %s per day)', r.time_limit_s,
              round(v_day.solver_seconds), lim.solver_seconds_per_day),
       concat_ws('; ', planner_private.wait_until(v_at),
-                format('or ask for a time_limit_seconds of at most %s',
+                format('%s a time_limit_seconds of at most %s',
+                       case when v_at is null then 'ask for' else 'or ask for' end,
                        floor(greatest(lim.solver_seconds_per_day - v_day.solver_seconds, 0))),
                 raise_it));
   end if;

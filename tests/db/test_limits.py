@@ -232,6 +232,9 @@ async def test_solver_seconds_are_reserved_then_settled(
     claim (capped at the limit) is what counts; a run cancelled before a claim costs nothing."""
     org = await limited_org(su, "Budget Health", solver_seconds_per_hour=100)
     a1, a2, a3 = await ars(su, org, 3)
+    exc = await refused(pg, org, a1, options={"time_limit_seconds": 120})  # alone: too much
+    assert exc.sqlstate == "PL042" and (exc.hint or "").startswith(
+        "ask for a time_limit_seconds of at most 100;"), exc.hint
     r1 = await ask(pg, org, a1, {"time_limit_seconds": 60})
     assert (await refused(pg, org, a2, options={"time_limit_seconds": 60})).sqlstate == "PL042"
     await as_user(pg, org.planner, "select public.request_cancel($1)", r1)  # never claimed
