@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -270,6 +271,8 @@ LIMIT_KEYS = (
     "max_constraints", "default_time_limit_s", "max_time_limit_s", "runs_per_hour",
     "queued_runs", "solver_seconds_per_hour", "solver_seconds_per_day", "restores_per_hour",
 )
+#: A tier's name, as the table's CHECK has it.
+TIER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
 #: What `KEY=inherit` stores: NULL, the tier's (or the default's) value applies.
 INHERIT = "inherit"
 
@@ -403,6 +406,10 @@ def limits_set(
     """Change an organisation's own limits or tier, or a tier's values."""
     if (org is None) == (tier is None):
         raise _fail("give exactly one of --org ORG and --tier NAME", 2)
+    for name in (tier, None if on_tier is None or on_tier.lower() == "none" else on_tier):
+        if name is not None and not TIER_NAME.fullmatch(name):
+            raise _fail(f"{name!r} is not a tier name: lower-case letters, digits, '_' and '-', "
+                        "starting with a letter, at most 40", 2)
     if on_tier is not None and org is None:
         raise _fail("--on-tier puts an organisation on a tier: use it with --org", 2)
     values = parse_assignments(assignments or [])

@@ -389,6 +389,7 @@ async def test_operator_commands_show_and_change_limits_and_the_ledger(
         (("limits", "set", "--org", org.name, "bogus=1"), 2, "known limit"),
         (("limits", "set", "--org", org.name, "queued_runs=-1"), 2, "whole number"),
         (("limits", "set", "--tier", "default", "queued_runs=inherit"), 2, "every value"),
+        (("limits", "set", "--tier", "Gold Plan", "queued_runs=1"), 2, "not a tier name"),
         (("limits", "show", "No Such Health"), 1, "no organisation"),
         (("limits", "ledger", "No Such Health"), 1, "no organisation"),
     ]:
