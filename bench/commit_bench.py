@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devstack import stack
 from devstack.seed import seed_organization
 from devstack.settings import DevSettings
-from tests.support.databases import cloned_database
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL, cloned_database
 
 BEFORE_SQL = Path(__file__).resolve().parent / "sql" / "commit_plan_before.sql"
 IMPLEMENTATIONS = {"before": "bench_before.commit_plan", "after": "planner_engine.commit_plan"}
@@ -178,8 +178,9 @@ async def main(sizes: list[int], reps: int, scenarios: list[str]) -> None:
                     [r[0] for r in await su.fetch(
                         "select id::text from teams where organization_id = $1 order by name",
                         org.id)])
-            await su.execute("update organizations set max_runs_per_hour = 100000")
-            await su.execute("update planner_engine.settings set max_job_lines = $1",
+            await su.execute(GENEROUS_DEFAULT_LIMITS_SQL, 100000)
+            await su.execute("update planner_engine.limits set max_job_lines = $1"
+                             " where tier = 'default'",
                              max(sizes))
             await su.execute(BEFORE_SQL.read_text())
             await su.execute("grant usage on schema bench_before to planner_engine;"

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devstack import stack
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
-from tests.support.databases import cloned_database
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL, cloned_database
 from tests.support.harness import (
     TERMINAL,
     ListenerProcess,
@@ -77,7 +77,7 @@ async def main(runs: int, burst: int) -> None:
         orgs = [await seed_organization(db, settings, f"Bench {i}", instance_seed=i, **TRIVIAL)
                 for i in range(max(burst, 1))]
         big = await seed_organization(db, settings, "Bench big", instance_seed=99, **BIG)
-        await db.execute("update organizations set max_runs_per_hour = 100000")
+        await db.execute(GENEROUS_DEFAULT_LIMITS_SQL, 100000)
         with RealtimeServer(settings, name) as rt, tempfile.TemporaryDirectory() as tmp:
             env = listener_env(settings, name, rt.url, PLANNER_RECONCILE_INTERVAL_S=3600,
                                PLANNER_HEARTBEAT_INTERVAL_S=10)

@@ -230,6 +230,11 @@ class Listener:
             "log_records_dropped": self.log_sink.dropped,
         }
 
+    async def refresh_metrics(self) -> None:
+        """Re-read the database's refusal counters for /metrics (listener.metrics.REFUSALS)."""
+        if self.db is not None:
+            metrics.REFUSALS.update(await self.db.refusal_counts())
+
     # -- lifecycle --------------------------------------------------------------------------
     def request_shutdown(self, signame: str = "signal") -> None:
         if not self.draining.is_set():
@@ -276,7 +281,8 @@ class Listener:
         if not self.s.health_port:
             return None
         try:
-            return await health.serve(self.readiness, self.s.health_host, self.s.health_port)
+            return await health.serve(self.readiness, self.s.health_host, self.s.health_port,
+                                      self.refresh_metrics)
         except OSError as exc:
             raise ConfigurationError(
                 describe_bind_error(exc, self.s.health_host, self.s.health_port)) from None

@@ -21,7 +21,13 @@ from loguru import logger
 from listener import doctor
 from listener import migrate as migrations
 from listener.errors import CONNECT_ERRORS, ConfigurationError, describe_connect_error
-from listener.ops import DATABASE_URL_SOURCE, history_app, require_database_url, runs_app
+from listener.ops import (
+    DATABASE_URL_SOURCE,
+    history_app,
+    limits_app,
+    require_database_url,
+    runs_app,
+)
 from solver.cli import register as register_solver
 
 PLUGIN_GROUP = "planner.commands"
@@ -40,6 +46,7 @@ app = typer.Typer(
 )
 app.add_typer(runs_app, name="runs")
 app.add_typer(history_app, name="history")
+app.add_typer(limits_app, name="limits")
 register_solver(app)
 
 

@@ -129,6 +129,11 @@ class EngineDB:
     async def write_logs(self, records: Sequence[dict[str, Any]]) -> int:
         return int(await self.pool.fetchval(q("write_logs"), _json(list(records))) or 0)
 
+    async def refusal_counts(self) -> dict[str, int]:
+        """The database's refusal counters by reason (planner_engine.refusal_counts)."""
+        rows = await self.pool.fetch(q("refusal_counts"))
+        return {str(r["reason"]): int(r["refusals"]) for r in rows}
+
     async def pending_runs(self, limit: int = 1000) -> list[tuple[uuid.UUID, datetime]]:
         rows = await self.pool.fetch(q("pending_runs"), limit)
         return [(r["id"], r["created_at"]) for r in rows]

@@ -218,7 +218,11 @@ class RunExecutor:
             reason = summarise_validation(exc)
             logger.error("the run's input is not a valid problem: {}", reason)
             return invalid_input(reason, [str(e.get("msg")) for e in exc.errors()])
-        limit = min(problem.options.time_limit_seconds, self.s.solver_time_limit_s)
+        # The run's cap is the database's (time_limit_s, set at insert from the organisation's
+        # limits); options may only ask for less, to the fraction of a second.
+        limit = float(run.time_limit_s)
+        if "time_limit_seconds" in problem.options.model_fields_set:
+            limit = min(problem.options.time_limit_seconds, limit)
         logger.info(
             "solving {} lines x {} terms, {} teams, rule sets {} (limit {:.0f}s)",
             problem.n_job_lines, len(problem.terms), len(problem.teams),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterable, Iterator, Mapping
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 QUEUE_DEPTH = Gauge("planner_queue_depth", "Runs waiting for this listener's solver slot.")
 SOLVING = Gauge("planner_solving", "1 while a solve is running in this listener.")
@@ -27,6 +31,40 @@ LOG_RECORDS_WRITTEN = Counter(
 )
 BROADCASTS = Counter("planner_broadcasts_total", "Progress broadcasts sent.", ["event"])
 BROADCAST_FAILURES = Counter("planner_broadcast_failures_total", "Broadcasts that failed.")
+
+
+class RefusalCounts(Collector):
+    """`planner_refusals_total{reason}`: run requests and restores the database refused, by
+    reason, over all organisations.
+
+    A refused INSERT rolls back, so the database counts refusals outside the transaction (a
+    sequence per reason, read by planner_engine.refusal_counts). These are the database's
+    totals, the same on every listener replica; the listener only re-reads them when /metrics
+    is scraped (`update`). Until the first read, and while the database cannot be read, the
+    last values are served.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        self._counts = dict(counts)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "planner_refusals", "Requests the database refused at admission, by reason "
+            "(docs/database.md, SQLSTATEs).", labels=["reason"])
+        for reason, n in sorted(self._counts.items()):
+            family.add_metric([reason], n)
+        yield family
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return []
+
+
+REFUSALS = RefusalCounts()
+REGISTRY.register(REFUSALS)
+
 CATCHUP_RUNS = Counter(
     "planner_catchup_runs_total", "PENDING runs found by the catch-up scan, not by an event."
 )

@@ -1,4 +1,4 @@
-"""Operator commands: `planner runs ...` and `planner history ...`.
+"""Operator commands: `planner runs ...`, `planner history ...` and `planner limits ...`.
 
 They connect with `--database-url` or `DATABASE_URL` (an operator's connection; there is no
 default, so a production command never lands on a local database by accident) and act through
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -256,3 +257,234 @@ def history_purge(
     counts = json.loads(_run(database_url, go))
     console.print(f"allocation run {ar}: purged {counts['snapshots']} snapshot(s) and "
                   f"{counts['logs']} log line(s)")
+
+
+# -- limits and the ledger (issue 13) ------------------------------------------------------------
+limits_app = typer.Typer(
+    help="Show and change an organisation's limits (tier, overrides) and its ledger.",
+    no_args_is_help=True,
+)
+
+#: The values of planner_engine.limits an operator sets, in the order they are shown.
+LIMIT_KEYS = (
+    "max_job_lines", "max_teams", "max_terms", "max_demand_rows", "max_options_bytes",
+    "max_constraints", "default_time_limit_s", "max_time_limit_s", "runs_per_hour",
+    "queued_runs", "solver_seconds_per_hour", "solver_seconds_per_day", "restores_per_hour",
+)
+#: A tier's name, as the table's CHECK has it.
+TIER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,39}")
+#: What `KEY=inherit` stores: NULL, the tier's (or the default's) value applies.
+INHERIT = "inherit"
+
+
+def _fail(line: str, code: int = 1) -> typer.Exit:
+    """Print one error line; the caller raises the returned Exit."""
+    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, int | None]:
+    """`KEY=VALUE` arguments: VALUE a whole number >= 0, or `inherit` (NULL). One line naming
+    the bad argument otherwise (exit 2, a usage error)."""
+    values: dict[str, int | None] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in LIMIT_KEYS:
+            raise _fail(f"{pair!r} is not KEY=VALUE with a known limit; limits: "
+                        + ", ".join(LIMIT_KEYS), 2)
+        raw = raw.strip()
+        if raw.lower() == INHERIT:
+            values[key] = None
+        elif raw.isdigit() and int(raw) < 2**31:
+            values[key] = int(raw)
+        else:
+            raise _fail(f"{pair}: the value must be a whole number from 0 to 2147483647, or "
+                        f"{INHERIT!r}", 2)
+    return values
+
+
+async def find_organization(conn: asyncpg.Connection, org: str) -> tuple[str, str] | None:
+    """(id, name) of the organisation given by id or by its exact name."""
+    try:
+        org_id: uuid.UUID | None = uuid.UUID(org)
+    except ValueError:
+        org_id = None
+    rows = await conn.fetch(
+        "select id::text, name from organizations where id = $1 or name = $2 limit 2",
+        org_id, org)
+    if len(rows) != 1:
+        return None
+    return str(rows[0]["id"]), str(rows[0]["name"])
+
+
+def _org_not_found(org: str) -> typer.Exit:
+    return _fail(f"no organisation with id or name {org!r} (or more than one with that "
+                 "name: give its id; `planner runs list` shows organisations by name)")
+
+
+@limits_app.command("show")
+def limits_show(
+    org: str = typer.Argument(None, help="Organisation id or exact name; none: the default "
+                                         "row and the tiers."),
+    database_url: str = DbOption,
+) -> None:
+    """The limits in force for an organisation (and where each comes from) and its usage, or
+    without an organisation the default row and every tier."""
+
+    async def go(conn: asyncpg.Connection) -> Any:
+        if org is None:
+            return None, await conn.fetch(
+                "select * from planner_engine.limits where tier is not null"
+                " order by tier <> 'default', tier")
+        found = await find_organization(conn, org)
+        if found is None:
+            return None, None
+        org_id = found[0]
+        rows = {
+            "resolved": await conn.fetchrow("select * from planner_private.limits_of($1)",
+                                            org_id),
+            "own": await conn.fetchrow(
+                "select * from planner_engine.limits where organization_id = $1", org_id),
+            "hour": await conn.fetchrow(
+                "select * from planner_private.usage_in($1, interval '1 hour')", org_id),
+            "day": await conn.fetchrow(
+                "select * from planner_private.usage_in($1, interval '1 day')", org_id),
+            "queued": await conn.fetchval(
+                "select count(*) from planner_private.usage_ledger"
+                " where organization_id = $1 and settled_at is null", org_id),
+        }
+        tier = rows["own"]["on_tier"] if rows["own"] is not None else None
+        rows["tier"] = (await conn.fetchrow(
+            "select * from planner_engine.limits where tier = $1", tier) if tier else None)
+        return found, rows
+
+    found, rows = _run(database_url, go)
+    if org is None:
+        # One column per tier (empty: the default's value applies).
+        table = Table("limit", *(r["tier"] for r in rows))
+        for k in LIMIT_KEYS:
+            table.add_row(k, *("" if r[k] is None else str(r[k]) for r in rows))
+        console.print(table)
+        return
+    if rows is None:
+        raise _org_not_found(org)
+    own, tier = rows["own"], rows["tier"]
+    resolved, hour, day = rows["resolved"], rows["hour"], rows["day"]
+    tier_name = resolved["tier"]
+    console.print(f"organisation {found[1]} ({found[0]}), tier {tier_name}")
+    usage = {
+        "runs_per_hour": f"{hour['runs']} in the last hour",
+        "queued_runs": f"{rows['queued']} pending or generating",
+        "solver_seconds_per_hour": f"{hour['solver_seconds']:.0f} in the last hour",
+        "solver_seconds_per_day": f"{day['solver_seconds']:.0f} in the last 24 hours",
+        "restores_per_hour": f"{hour['restores']} in the last hour",
+    }
+    table = Table("limit", "value", "from", "used")
+    for k in LIMIT_KEYS:
+        source = ("organisation" if own is not None and own[k] is not None
+                  else f"tier {tier_name}" if tier is not None and tier[k] is not None
+                  else "default")
+        table.add_row(k, str(resolved[k]), source, usage.get(k, ""))
+    console.print(table)
+
+
+ASSIGNMENTS = typer.Argument(
+    None, help="KEY=VALUE (a whole number, or 'inherit' to clear an override).")
+
+
+@limits_app.command("set")
+def limits_set(
+    assignments: list[str] = ASSIGNMENTS,
+    org: str = typer.Option(None, "--org", help="Organisation (id or exact name) to change."),
+    tier: str = typer.Option(None, "--tier",
+                             help="The tier to change or create ('default': the defaults)."),
+    on_tier: str = typer.Option(None, "--on-tier",
+                                help="Put the organisation (--org) on this tier ('none': off)."),
+    database_url: str = DbOption,
+) -> None:
+    """Change an organisation's own limits or tier, or a tier's values."""
+    if (org is None) == (tier is None):
+        raise _fail("give exactly one of --org ORG and --tier NAME", 2)
+    for name in (tier, None if on_tier is None or on_tier.lower() == "none" else on_tier):
+        if name is not None and not TIER_NAME.fullmatch(name):
+            raise _fail(f"{name!r} is not a tier name: lower-case letters, digits, '_' and '-', "
+                        "starting with a letter, at most 40", 2)
+    if on_tier is not None and org is None:
+        raise _fail("--on-tier puts an organisation on a tier: use it with --org", 2)
+    values = parse_assignments(assignments or [])
+    if tier == "default" and any(v is None for v in values.values()):
+        raise _fail("the default tier has every value: 'inherit' is for tiers and "
+                    "organisations", 2)
+    if not values and on_tier is None:
+        raise _fail("nothing to change: give KEY=VALUE arguments (or --on-tier)", 2)
+
+    async def go(conn: asyncpg.Connection) -> str | None:
+        async with conn.transaction():
+            if tier is not None:
+                await conn.execute("insert into planner_engine.limits (tier) values ($1)"
+                                   " on conflict (tier) do nothing", tier)
+                where, key = "tier = $1", tier
+                label = f"tier {tier}"
+            else:
+                found = await find_organization(conn, org)
+                if found is None:
+                    return None
+                await conn.execute("insert into planner_engine.limits (organization_id)"
+                                   " values ($1) on conflict (organization_id) do nothing",
+                                   found[0])
+                where, key = "organization_id = $1::uuid", found[0]
+                label = f"organisation {found[1]}"
+                if on_tier is not None:
+                    plan = None if on_tier.lower() == "none" else on_tier
+                    if plan is not None and not await conn.fetchval(
+                            "select exists (select 1 from planner_engine.limits"
+                            " where tier = $1)", plan):
+                        raise LookupError(plan)
+                    await conn.execute(f"update planner_engine.limits set on_tier = $2"
+                                       f" where {where}", key, plan)
+            for k, v in values.items():  # k is one of LIMIT_KEYS (parse_assignments)
+                await conn.execute(f"update planner_engine.limits set {k} = $2,"
+                                   f" updated_at = now() where {where}", key, v)
+            return label
+
+    try:
+        label = _run(database_url, go)
+    except LookupError as exc:
+        raise _fail(f"no tier {exc.args[0]!r}: create it first with `planner limits set "
+                    f"--tier {exc.args[0]} KEY=VALUE`") from None
+    if label is None:
+        raise _org_not_found(org)
+    changes = [f"{k}={'inherit' if v is None else v}" for k, v in values.items()]
+    if on_tier is not None:
+        changes.insert(0, f"tier {on_tier}")
+    console.print(f"{label}: {', '.join(changes)}")
+
+
+@limits_app.command("ledger")
+def limits_ledger(
+    org: str = typer.Argument(..., help="Organisation id or exact name."),
+    limit: int = typer.Option(20, min=1, max=1000),
+    database_url: str = DbOption,
+) -> None:
+    """The organisation's ledger, newest first: each run's reserved and used solver seconds
+    (entries stay when runs are deleted) and each restore."""
+
+    async def go(conn: asyncpg.Connection) -> Any:
+        found = await find_organization(conn, org)
+        if found is None:
+            return None
+        return await conn.fetch(
+            "select at, kind, run_id, allocation_run_id, reserved_s, used_s, settled_at,"
+            " outcome from planner_private.usage_ledger where organization_id = $1"
+            " order by at desc, id desc limit $2", found[0], limit)
+
+    rows = _run(database_url, go)
+    if rows is None:
+        raise _org_not_found(org)
+    table = Table("at", "kind", "run", "allocation run", "reserved s", "used s", "outcome")
+    for r in rows:
+        table.add_row(r["at"].strftime("%Y-%m-%d %H:%M:%S"), r["kind"],
+                      str(r["run_id"] or ""), str(r["allocation_run_id"]), str(r["reserved_s"]),
+                      f"{r['used_s']:.1f}", r["outcome"] or "queued")
+    console.print(table)

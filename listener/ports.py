@@ -31,6 +31,9 @@ class ClaimedRun(BaseModel):
     max_attempts: int
     lease: uuid.UUID
     created_at: datetime
+    #: The run's time cap, decided by the database at insert (planner_engine.limits): the
+    #: listener never solves longer, and the ledger reserved exactly this.
+    time_limit_s: int
 
 
 class Beat(BaseModel):

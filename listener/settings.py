@@ -52,8 +52,10 @@ class ListenerSettings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     heartbeat_interval_s: float = Field(10.0, gt=0, le=60)
     reconcile_interval_s: float = Field(30.0, gt=0)
-    solver_time_limit_s: float = Field(
-        120.0, gt=0, description="Upper bound on any run's time limit (runs may ask for less)."
+    solver_time_limit_s: Any = Field(
+        None, description="Gone: each run's time cap is decided by the database "
+                          "(planner_engine.limits, `planner limits set`); set, it stops the "
+                          "listener at start with one line saying so.",
     )
     solver_memory_mb: int = Field(2048, ge=64)
     solver_workers: int = Field(
@@ -82,6 +84,16 @@ class ListenerSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     log_buffer: int = Field(10_000, ge=100, description="Run log records kept through a DB outage.")
+
+    @field_validator("solver_time_limit_s", mode="before")
+    @classmethod
+    def _time_limit_is_gone(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError(
+                "no longer read: each run's time cap is in the database now (max_time_limit_s "
+                "in planner_engine.limits: `planner limits set --tier default "
+                "max_time_limit_s=N`); unset the variable")
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

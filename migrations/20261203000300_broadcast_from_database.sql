@@ -156,7 +156,8 @@ begin
     'planner_engine.write_logs(jsonb)',
     'planner_engine.pending_runs(integer)',
     'planner_engine.broadcast(uuid, uuid, text, jsonb)',
-    'planner_engine.announce_queued(uuid[], integer[])'
+    'planner_engine.announce_queued(uuid[], integer[])',
+    'planner_engine.refusal_counts()'
   ] loop
     check_name := 'execute ' || v_fn;
     severity := 'error';

@@ -5,7 +5,7 @@
 -- Claim the given PENDING run (or nothing). Returns the run with its fresh lease, the only
 -- time the lease is seen: the database keeps its digest.
 select id, organization_id, allocation_run_id, n_job_lines, attempts, max_attempts, lease,
-       created_at
+       created_at, time_limit_s
   from planner_engine.claim_run($1::text, $2::uuid);
 
 -- name: heartbeat
@@ -27,6 +27,11 @@ select planner_engine.write_logs($1::jsonb);
 -- Catch-up: the runs nobody announced (Realtime is at-most-once), oldest first. The engine
 -- role reads no table; the function returns ids and ages only.
 select id, created_at from planner_engine.pending_runs($1::integer);
+
+-- name: refusal_counts
+-- /metrics: requests refused at admission, by reason (counted outside the refused
+-- transaction, docs/database.md).
+select reason, refusals from planner_engine.refusal_counts();
 
 -- name: ping
 select 1;

@@ -22,13 +22,14 @@ comment on schema planner_engine is
 comment on schema planner_private is
   'Helpers for RLS policies and triggers. Not exposed by PostgREST; callers get no table access.';
 
--- -- limits --------------------------------------------------------------------------------
--- One row. Kept in a table (not GUCs) so an operator changes a limit with one UPDATE, in a
--- transaction, on hosted Supabase too, where ALTER DATABASE SET is not always allowed.
+-- -- engine settings -------------------------------------------------------------------------
+-- One row: what is the same for every organisation (the engine's own timeouts and retries).
+-- What may differ per organisation (sizes, rates, budgets, the time cap) is in
+-- planner_engine.limits below. Kept in a table (not GUCs) so an operator changes a value
+-- with one UPDATE, in a transaction, on hosted Supabase too, where ALTER DATABASE SET is
+-- not always allowed.
 create table planner_engine.settings (
   id boolean primary key default true check (id),
-  max_job_lines integer not null default 500 check (max_job_lines >= 1),
-  max_runs_per_hour integer not null default 30 check (max_runs_per_hour >= 0),
   max_attempts integer not null default 3 check (max_attempts between 1 and 20),
   -- When the sweeper's pg_cron job was last (re)scheduled, by the migration or by
   -- `planner migrate --cron-database`: `planner doctor` expects a run within two periods
@@ -46,17 +47,88 @@ create table planner_engine.settings (
 );
 insert into planner_engine.settings default values;
 comment on table planner_engine.settings is
-  'Singleton: global limits. organizations.max_runs_per_hour overrides max_runs_per_hour.';
+  'Singleton: engine-wide retries and timeouts. Per-organisation limits: planner_engine.limits.';
 
 -- -- tenants -------------------------------------------------------------------------------
 create table public.organizations (
   id uuid primary key default gen_random_uuid(),
   name text not null check (length(btrim(name)) > 0),
-  -- NULL = planner_engine.settings.max_runs_per_hour. Only the service role / operator may
-  -- change it: members have no UPDATE grant on this table (Denial of Wallet protection).
-  max_runs_per_hour integer check (max_runs_per_hour >= 0),
   created_at timestamptz not null default now()
 );
+
+-- -- limits and the ledger (issue 13) ----------------------------------------------------------
+-- ONE table of per-organisation limits. Three kinds of row:
+-- * the row with tier = 'default': every value set, what applies when nothing else does;
+-- * a tier (a plan an operator names, e.g. 'large'): tier set, any value may be NULL (= the
+--   default's);
+-- * an organisation's own row: organization_id set, optionally on_tier (its plan), any value
+--   may be NULL (= its tier's, else the default's).
+-- planner_private.limits_of(org) resolves them, value by value: organisation, tier, default.
+-- Only the operator reads or writes it (`planner limits ...`, listener/ops.py): no API role and
+-- not the engine (Denial of Wallet: a member must not raise their own budget).
+-- docs/database.md, "Limits", says why each default is what it is.
+create table planner_engine.limits (
+  tier text unique check (tier ~ '^[a-z][a-z0-9_-]{0,39}$'),
+  organization_id uuid unique references public.organizations (id) on delete cascade,
+  on_tier text references planner_engine.limits (tier) on update cascade,
+  -- the size of one request
+  max_job_lines integer check (max_job_lines >= 1),               -- n_job_lines per run
+  max_teams integer check (max_teams >= 1),                       -- teams a run's problem lists
+  max_terms integer check (max_terms >= 1),                       -- terms per allocation run
+  max_demand_rows integer check (max_demand_rows >= 1),           -- team_demand rows per allocation run
+  max_options_bytes integer check (max_options_bytes >= 2),       -- octet_length(options::text)
+  max_constraints integer check (max_constraints >= 0),           -- codes in `constraints`
+  -- the per-run time cap (contract with the listener: it solves for the run's time_limit_s)
+  default_time_limit_s integer check (default_time_limit_s >= 1), -- when options have none
+  max_time_limit_s integer check (max_time_limit_s >= 1),         -- options above it are capped
+  -- rates and budgets, counted in planner_private.usage_ledger
+  runs_per_hour integer check (runs_per_hour >= 0),
+  queued_runs integer check (queued_runs >= 0),                   -- PENDING + GENERATING at once
+  solver_seconds_per_hour integer check (solver_seconds_per_hour >= 0),
+  solver_seconds_per_day integer check (solver_seconds_per_day >= 0),
+  restores_per_hour integer check (restores_per_hour >= 0),
+  updated_at timestamptz not null default now(),
+  constraint tier_or_organization check ((tier is null) <> (organization_id is null)),
+  constraint only_organizations_are_on_a_tier check (on_tier is null or organization_id is not null),
+  constraint default_is_complete check (tier is distinct from 'default' or (
+    max_job_lines is not null and max_teams is not null and max_terms is not null
+    and max_demand_rows is not null and max_options_bytes is not null
+    and max_constraints is not null and default_time_limit_s is not null
+    and max_time_limit_s is not null and runs_per_hour is not null and queued_runs is not null
+    and solver_seconds_per_hour is not null and solver_seconds_per_day is not null
+    and restores_per_hour is not null))
+);
+insert into planner_engine.limits
+  (tier, max_job_lines, max_teams, max_terms, max_demand_rows, max_options_bytes,
+   max_constraints, default_time_limit_s, max_time_limit_s, runs_per_hour, queued_runs,
+   solver_seconds_per_hour, solver_seconds_per_day, restores_per_hour)
+values ('default', 500, 1000, 52, 20000, 8192, 32, 30, 120, 30, 10, 1800, 14400, 30);
+comment on table planner_engine.limits is
+  'Per-organisation limits: the default row, named tiers, organisations'' overrides (NULL = inherit).';
+
+-- What each organisation has used: one row per admitted run (its reserved and used solver
+-- seconds) and per restore. No key to the runs or allocation runs, on purpose: deleting them
+-- (which cascades the runs) must not give a budget back (issue 13, finding 1). Written only by
+-- triggers and restore_job_lines (20_rules.sql, 30_engine.sql); read by the admission checks
+-- and the operator. Deleting the organisation (an operator's act) takes its ledger along.
+create table planner_private.usage_ledger (
+  id bigint generated always as identity primary key,
+  organization_id uuid not null references public.organizations (id) on delete cascade,
+  kind text not null check (kind in ('run', 'restore')),
+  run_id uuid,                    -- the planner run (kind 'run'); it may be deleted since
+  allocation_run_id uuid not null,
+  at timestamptz not null default now(),  -- admitted at; the hourly and daily windows count from here
+  reserved_s integer not null default 0 check (reserved_s >= 0),  -- the run's time_limit_s
+  used_s numeric not null default 0 check (used_s >= 0),          -- settled attempts' seconds
+  settled_at timestamptz,         -- NULL while the run is PENDING or GENERATING (queued)
+  outcome text,                   -- the final status, or DELETED
+  constraint a_run_names_its_run check ((kind = 'run') = (run_id is not null)),
+  constraint a_restore_is_settled check (kind = 'run' or settled_at is not null)
+);
+create index usage_ledger_org_at_idx on planner_private.usage_ledger (organization_id, at);
+create index usage_ledger_queued_idx on planner_private.usage_ledger (organization_id)
+  where settled_at is null;
+create index usage_ledger_run_idx on planner_private.usage_ledger (run_id) where run_id is not null;
 
 create table public.organization_members (
   organization_id uuid not null references public.organizations (id) on delete cascade,
@@ -195,6 +267,10 @@ create table public.allocation_planner_runs (
   cancel_requested_at timestamptz,
   result_metadata jsonb,
   error text,
+  -- The run's time cap in seconds, set by the insert trigger from options.time_limit_seconds
+  -- (default and cap: planner_engine.limits). The listener solves for this long at most and
+  -- the ledger reserves it: both sides read the same number (issue 13).
+  time_limit_s integer not null check (time_limit_s >= 1),
   unique (id, organization_id),
   unique (id, allocation_run_id, organization_id),
   foreign key (allocation_run_id, organization_id)
@@ -216,7 +292,8 @@ create index allocation_planner_runs_pending_idx
   on public.allocation_planner_runs (created_at, id) where status = 'PENDING';
 create index allocation_planner_runs_generating_idx
   on public.allocation_planner_runs (heartbeat_at) where status = 'GENERATING';
--- Invariant 4b: the rolling-hour count per organisation.
+-- An organisation's runs by time (listings; the hourly limits count planner_private.usage_ledger,
+-- which deleting runs cannot shrink).
 create index allocation_planner_runs_org_created_idx
   on public.allocation_planner_runs (organization_id, created_at);
 

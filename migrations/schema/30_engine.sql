@@ -370,6 +370,23 @@ as $$
    limit least(greatest(coalesce(p_limit, 0), 0), 1000)
 $$;
 
+-- -- refusal counters (issue 13) ----------------------------------------------------------------
+-- How many requests each admission check refused since the database was created, for the
+-- listener's /metrics (planner_refusals_total{reason}). Read from the sequences that
+-- planner_private.refuse moves (20_rules.sql): a refused INSERT rolls back, the sequence does
+-- not. Counts only, by reason: nothing about who was refused. After a crash of the database a
+-- counter may start again lower (a nextval whose transaction never committed need not survive
+-- it); Prometheus reads that as a counter reset.
+create function planner_engine.refusal_counts()
+returns table (reason text, refusals bigint)
+language sql stable security definer set search_path = ''
+as $$
+  select substr(s.sequencename, length('refused_') + 1), coalesce(s.last_value, 0)
+    from pg_catalog.pg_sequences s
+   where s.schemaname = 'planner_private' and s.sequencename like 'refused\_%'
+   order by 1
+$$;
+
 -- -- the listener's self-check ---------------------------------------------------------------
 -- `planner listen` calls this at start and then periodically (listener/app.py). It reports,
 -- one row per check, what the login role cannot read for itself: the migrations recorded in
@@ -416,7 +433,8 @@ begin
     'planner_engine.write_logs(jsonb)',
     'planner_engine.pending_runs(integer)',
     'planner_engine.broadcast(uuid, uuid, text, jsonb)',
-    'planner_engine.announce_queued(uuid[], integer[])'
+    'planner_engine.announce_queued(uuid[], integer[])',
+    'planner_engine.refusal_counts()'
   ] loop
     check_name := 'execute ' || v_fn;
     severity := 'error';
@@ -704,6 +722,8 @@ begin
       message = 'a planner run is pending or generating for this allocation run',
       hint = 'wait for it to finish or cancel it before restoring';
   end if;
+  -- restores_per_hour (PL045), and the restore's ledger entry (20_rules.sql).
+  perform planner_private.admit_restore(h.organization_id, h.allocation_run_id);
   -- The plan being replaced is snapshotted first, so the restore itself can be undone.
   return planner_private.replace_plan(
     h.allocation_run_id, h.organization_id, h.plan, null, h.id, auth.uid());

@@ -79,7 +79,8 @@ grant execute on function
   planner_engine.sweep_stale_runs(),
   planner_engine.self_check(text),
   planner_engine.broadcast(uuid, uuid, text, jsonb),
-  planner_engine.announce_queued(uuid[], integer[])
+  planner_engine.announce_queued(uuid[], integer[]),
+  planner_engine.refusal_counts()
   to planner_engine, service_role;
 grant usage on schema planner_engine to service_role;
 
@@ -94,9 +95,9 @@ grant execute on function
   planner_private.invoker_is_privileged(),
   planner_private.can_read_run_topic(text)
   to authenticated, service_role;
-grant execute on function planner_private.admit_user_run(uuid, uuid, integer, text[])
+grant execute on function planner_private.admit_user_run(public.allocation_planner_runs)
   to authenticated;
-grant execute on function planner_private.admit_privileged_run(uuid, uuid, integer, text[])
+grant execute on function planner_private.admit_privileged_run(public.allocation_planner_runs)
   to service_role;
 
 -- Sequences: the API roles write no table directly that needs one (log lines go through
@@ -115,6 +116,11 @@ grant execute on function public.request_cancel(uuid), public.restore_job_lines(
 
 -- -- row-level security -------------------------------------------------------------------------
 alter table planner_engine.settings enable row level security;  -- no policy: owner only
+-- Limits and the ledger (issue 13): the operator's, no grant and no policy. A member must not
+-- raise their own budget, nor learn another organisation's tier or usage; the refusals tell
+-- a member the limit and the value that were hit.
+alter table planner_engine.limits enable row level security;
+alter table planner_private.usage_ledger enable row level security;
 alter table public.organizations enable row level security;
 alter table public.organization_members enable row level security;
 alter table public.planner_rule_sets enable row level security;

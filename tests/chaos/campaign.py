@@ -53,6 +53,7 @@ from devstack import stack
 from devstack.postgres import Cluster
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL
 from tests.support.harness import (
     TERMINAL,
     ListenerProcess,
@@ -232,7 +233,10 @@ async def build_world(conn: asyncpg.Connection, settings: DevSettings) -> list[S
         await _clone_allocation_run(conn, big.id, big.allocation_run_id, k)
         for k in range(1, LARGE_ARS)]]
     # The campaign inserts hundreds of runs; the hourly limit has its own tests (tests/db).
-    await conn.execute("update organizations set max_runs_per_hour = 1000000")
+    await conn.execute(GENEROUS_DEFAULT_LIMITS_SQL, 1000000)
+    # no run solves longer than 10 s (the cap is the database's: planner_engine.limits)
+    await conn.execute("update planner_engine.limits set max_time_limit_s = 10"
+                       " where tier = 'default'")
     for s in slots:
         await _baseline_plan(conn, s.org.id, s.allocation_run_id, s.org.suggested_n_job_lines)
     return slots
@@ -271,7 +275,7 @@ class Run:
         self._starts += 1
         wid = f"{self.r.key}-{name}-{self._starts}"
         e = listener_env(self.c.settings, self.c.settings.database, self.c.settings.supabase_url,
-                         PLANNER_SOLVER_TIME_LIMIT_S=10, PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S,
+                         PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S,
                          PLANNER_SHUTDOWN_GRACE_S=1, **env)
         proc = ListenerProcess(e, self.c.log_dir / f"{wid}.log", worker_id=wid).start()
         self.listeners.append(proc)

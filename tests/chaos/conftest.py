@@ -14,6 +14,7 @@ import pytest
 
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL
 from tests.support.harness import ListenerProcess, listener_env
 from tests.support.realtime import RealtimeServer
 
@@ -28,7 +29,10 @@ async def orgs(dev_settings: DevSettings, db_url: str) -> list[SeededOrganizatio
         made = [await seed_organization(conn, dev_settings, f"Attack {n}", instance_seed=i,
                                         **SMALL)  # type: ignore[arg-type]
                 for i, n in enumerate("AB")]
-        await conn.execute("update organizations set max_runs_per_hour = 100000")
+        await conn.execute(GENEROUS_DEFAULT_LIMITS_SQL, 100000)
+        # every run solves for 2 s at most (the cap is the database's: planner_engine.limits)
+        await conn.execute("update planner_engine.limits set max_time_limit_s = 2"
+                           " where tier = 'default'")
         return made
     finally:
         await conn.close()
@@ -40,7 +44,7 @@ def listener(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ListenerProcess]:
     """One real listener for the whole module (attacks must not need a restart)."""
-    env = listener_env(dev_settings, db_name, rt_server.url, PLANNER_SOLVER_TIME_LIMIT_S=2)
+    env = listener_env(dev_settings, db_name, rt_server.url)
     proc = ListenerProcess(env, tmp_path_factory.mktemp("listener") / "L.log",
                            worker_id="attack-L").start()
     yield proc

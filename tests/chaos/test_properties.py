@@ -93,6 +93,7 @@ def test_loader_gives_a_problem_or_a_readable_error(raw: dict[str, Any]) -> None
 
 # -- the insert path, as a planner through PostgREST (each example rolled back) -------------
 PRODUCT_STATES = {"PL010", "PL011", "PL012", "PL013", "PL014", "PL015",
+                  "PL040", "PL041", "PL042", "PL043",  # the limits (issue 13)
                   "22003",  # integer out of range (n_job_lines beyond int4)
                   "22P02", "22P05", "22021",  # malformed values / unsupported unicode / NUL
                   "23514"}  # a CHECK constraint

@@ -57,7 +57,7 @@ async def test_heartbeat_covers_the_whole_run_when_realtime_hangs(
     db_name: str, hung_realtime: str, tmp_path: Path,
 ) -> None:
     a = orgs[1]
-    env = listener_env(dev_settings, db_name, hung_realtime, PLANNER_SOLVER_TIME_LIMIT_S=3)
+    env = listener_env(dev_settings, db_name, hung_realtime)
     proc = ListenerProcess(env, tmp_path / "slow.log", worker_id="slow-bc").start()
     try:
         run = await insert_run(db, user_id=a.planner.id, organization_id=a.id,

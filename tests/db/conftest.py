@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests.support.databases import GENEROUS_LIMITS_SQL
 from tests.support.roles import acting_as
 
 
@@ -75,10 +76,13 @@ async def new_allocation_run(
 async def new_org(
     conn: asyncpg.Connection, name: str, *, runs_per_hour: int | None = 100000
 ) -> Org:
+    """An organisation with members, five teams and an allocation run. `runs_per_hour` set:
+    its own limits row lifts the rates and budgets (runs per hour = that, queued runs and
+    solver seconds out of reach), so tests are not refused by them; None: the defaults."""
     org_id = await conn.fetchval(
-        "insert into organizations (name, max_runs_per_hour) values ($1, $2) returning id::text",
-        name, runs_per_hour,
-    )
+        "insert into organizations (name) values ($1) returning id::text", name)
+    if runs_per_hour is not None:
+        await conn.execute(GENEROUS_LIMITS_SQL, org_id, runs_per_hour)
     users = {}
     for role in ("admin", "planner", "viewer"):
         users[role] = await new_user(conn)

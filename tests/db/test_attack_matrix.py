@@ -42,6 +42,12 @@ import pytest
 
 from tests.db.conftest import World, claim, insert_run, new_allocation_run, plan_json
 
+#: The refusal counters (one sequence each, planner_private.refused_<reason>; docs/database.md).
+REFUSAL_REASONS = ("not_a_planner", "foreign_allocation_run", "options_bytes", "constraints",
+                   "unknown_rule_set", "job_lines", "terms", "demand_rows", "teams",
+                   "active_run", "queued_runs", "runs_per_hour", "solver_seconds_hour",
+                   "solver_seconds_day", "restores_per_hour")
+
 ACTORS = ["anon", "viewer_B", "planner_B", "admin_B", "engine"]
 OPS = ["select", "insert", "update", "delete"]
 
@@ -79,6 +85,12 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
                                 "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "planner_private.released_leases": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
                                         "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    # Issue 13: the operator's limits and the ledger of what each organisation used. Nobody
+    # but the owner: a member must not raise their budget or read another's tier or usage.
+    "planner_engine.limits": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+                              "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    "planner_private.usage_ledger": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+                                     "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
 }
 
 #: function call (with A's objects) -> (anon, viewer_B, planner_B, admin_B, engine)
@@ -107,6 +119,7 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "planner_engine.broadcast(A's run, the lease column as members read it)":
         (D, D, D, D, "PL001"),
     "planner_engine.announce_queued([A's pending run, A's generating run])": (D, D, D, D, "ok"),
+    "planner_engine.refusal_counts()": (D, D, D, D, "ok"),
 }
 #: Why an `ok` cell is harmless (checked in the test, not only stated).
 RPC_NOTES = {
@@ -133,6 +146,9 @@ RPC_NOTES = {
         "queued with the given position, on the topic of each run that is PENDING now (the "
         "GENERATING run is skipped); a thief can show wrong queue positions, nothing else. "
         "It writes no table of a tenant (one realtime.messages row per message)",
+    "planner_engine.refusal_counts()":
+        "refusal counts by reason over all organisations, for /metrics: no organisation, run "
+        "or user named, writes nothing",
 }
 
 
@@ -176,14 +192,32 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_engine.self_check(text)": ("", "", "execute"),
     "planner_engine.broadcast(uuid,uuid,text,jsonb)": ("", "", "execute"),
     "planner_engine.announce_queued(uuid[],integer[])": ("", "", "execute"),
+    "planner_engine.refusal_counts()": ("", "", "execute"),
     "planner_private.has_role(uuid,text[])": ("", "execute", ""),
     "planner_private.is_member(uuid)": ("", "execute", ""),
     "planner_private.can_plan(uuid)": ("", "execute", ""),
     "planner_private.invoker_is_privileged()": ("", "execute", ""),
     "planner_private.can_read_run_topic(text)": ("", "execute", ""),
-    "planner_private.admit_user_run(uuid,uuid,integer,text[])": ("", "execute", ""),
-    "planner_private.admit_privileged_run(uuid,uuid,integer,text[])": ("", "", ""),
-    "planner_private.admission_checks(uuid,uuid,integer,text[],text)": ("", "", ""),
+    "planner_private.admit_user_run(allocation_planner_runs)": ("", "execute", ""),
+    "planner_private.admit_privileged_run(allocation_planner_runs)": ("", "", ""),
+    "planner_private.admission_checks(allocation_planner_runs,text)": ("", "", ""),
+    # issue 13: limits, ledger, refusal counters; the owner's (reached from definer functions
+    # and triggers only)
+    "planner_engine.limits": ("", "", ""),
+    "planner_private.usage_ledger": ("", "", ""),
+    "planner_private.usage_ledger_id_seq": ("", "", ""),
+    **{f"planner_private.refused_{reason}": ("", "", "") for reason in REFUSAL_REASONS},
+    "planner_private.limits_of(uuid)": ("", "", ""),
+    "planner_private.refuse(text,text,text,text)": ("", "", ""),
+    "planner_private.charged_s(planner_private.usage_ledger)": ("", "", ""),
+    "planner_private.usage_in(uuid,interval)": ("", "", ""),
+    "planner_private.fits_at(uuid,interval,text,boolean,numeric,numeric)": ("", "", ""),
+    "planner_private.wait_until(timestamp with time zone)": ("", "", ""),
+    "planner_private.shown_count(bigint,integer)": ("", "", ""),
+    "planner_private.allocation_planner_runs_charge()": ("", "", ""),
+    "planner_private.allocation_planner_runs_settle()": ("", "", ""),
+    "planner_private.allocation_planner_runs_settle_deleted()": ("", "", ""),
+    "planner_private.admit_restore(uuid,uuid)": ("", "", ""),
     "planner_private.caller_is_privileged()": ("", "", ""),
     "planner_private.caller_can_plan(uuid)": ("", "", ""),
     "planner_private.allocation_planner_runs_before_insert()": ("", "", ""),
@@ -257,7 +291,7 @@ REACHABLE_WITHOUT_CELLS = {
         "organization_invitations' read policy: the caller's own e-mail address, nobody else's",
     "planner_private.can_read_run_topic(text)":
         "realtime.messages policy: the caller's own membership of the run's organisation",
-    "planner_private.admit_user_run(uuid,uuid,integer,text[])":
+    "planner_private.admit_user_run(allocation_planner_runs)":
         "the insert trigger's admission for a user: membership first "
         "(tests/db/test_private_helpers.py attacks it directly)",
 }
@@ -414,7 +448,7 @@ def _a_filter(table: str) -> str:
     if table == "organizations":
         return "id = $1"
     if table in ("planner_rule_sets", "planner_engine.settings",
-                 "planner_private.released_leases"):
+                 "planner_private.released_leases", "planner_engine.limits"):
         return "$1::uuid is not null"
     return "organization_id = $1"
 
@@ -458,6 +492,13 @@ def _insert_sql(table: str, f: Fixture) -> tuple[str, list[Any]]:
         "planner_private.released_leases": (
             "insert into planner_private.released_leases values ($1, gen_random_uuid(), now())",
             [f.pending_run]),
+        "planner_engine.limits": (
+            "insert into planner_engine.limits (organization_id, runs_per_hour)"
+            " values ($1, 1000000) on conflict (organization_id) do update set runs_per_hour"
+            " = excluded.runs_per_hour", [b.id]),
+        "planner_private.usage_ledger": (
+            "insert into planner_private.usage_ledger (organization_id, kind, allocation_run_id,"
+            " settled_at) values ($1, 'restore', $2, now())", [a.id, ar]),
     }[table]
 
 
@@ -466,7 +507,9 @@ _SET = {"organizations": "name = name", "organization_members": "role = role",
         "planner_rule_sets": "description = description", "rotations": "pinned = pinned",
         "allocation_planner_runs": "n_job_lines = n_job_lines",
         "planner_engine.settings": "max_attempts = max_attempts",
-        "planner_private.released_leases": "released_at = released_at"}
+        "planner_private.released_leases": "released_at = released_at",
+        "planner_engine.limits": "runs_per_hour = runs_per_hour",
+        "planner_private.usage_ledger": "used_s = used_s"}
 
 
 async def _as_actor(
@@ -611,6 +654,10 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
                 "select planner_engine.announce_queued($1::uuid[], array[1, 2])",
                 [f.pending_run, f.gen_run])
             assert n == 1
+        elif name.startswith("planner_engine.refusal_counts"):
+            rows = await conn.fetch("select * from planner_engine.refusal_counts()")
+            assert [r["reason"] for r in rows] == sorted(REFUSAL_REASONS)
+            assert all(list(r.keys()) == ["reason", "refusals"] for r in rows)
         elif name.startswith("planner_engine.self_check"):
             rows = await conn.fetch("select * from planner_engine.self_check(null)")
             text = json.dumps([dict(r) for r in rows])

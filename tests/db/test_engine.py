@@ -638,7 +638,9 @@ async def test_engine_role_is_least_privilege(su: asyncpg.Connection, engine: as
         "insert into planner_execution_logs (planner_run_id, organization_id, level, message)"
         " select id, organization_id, 'INFO', 'x' from allocation_planner_runs limit 1",
         "select count(*) from job_lines_history",
-        "update planner_engine.settings set max_job_lines = 100000",
+        "update planner_engine.settings set max_attempts = 20",
+        "update planner_engine.limits set max_job_lines = 100000",
+        "select * from planner_private.usage_ledger",
         "select planner_private.replace_plan(null, null, null, null, null, null)",
     ):
         async with expect_sqlstate("42501"):
@@ -657,7 +659,8 @@ async def test_engine_functions_are_security_definer_with_empty_search_path(
         " from pg_proc p where p.pronamespace = 'planner_engine'::regnamespace")
     assert {r["proname"] for r in rows} == {
         "claim_run", "heartbeat", "load_problem", "commit_plan", "finish_run", "pending_runs",
-        "write_logs", "sweep_stale_runs", "self_check", "broadcast", "announce_queued"}
+        "write_logs", "sweep_stale_runs", "self_check", "broadcast", "announce_queued",
+        "refusal_counts"}
     for r in rows:
         assert r["prosecdef"] and r["proconfig"] == ['search_path=""'], r["proname"]
         assert not r["auth_x"] and not r["anon_x"] and r["engine_x"] and r["service_x"]

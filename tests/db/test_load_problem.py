@@ -18,6 +18,7 @@ from devstack.seed import seed_organization
 from devstack.settings import DevSettings
 from solver.problem import Problem
 from tests.db.conftest import World, claim, expect_sqlstate, insert_run, new_allocation_run
+from tests.support.databases import GENEROUS_LIMITS_SQL
 
 
 async def load(su: asyncpg.Connection, engine: asyncpg.Connection, org_id: str,
@@ -65,7 +66,7 @@ async def test_seeded_organisation_loads_as_the_solvers_problem(
         org.allocation_run_id)]
     blank = await add_team(su, org.id, org.allocation_run_id, terms, "Blank site", "")
     none = await add_team(su, org.id, org.allocation_run_id, terms, "No site", None)
-    await su.execute("update organizations set max_runs_per_hour = 1000 where id = $1", org.id)
+    await su.execute(GENEROUS_LIMITS_SQL, org.id, 1000)
 
     raw = await load(su, engine, org.id, org.allocation_run_id, n_job_lines=20,
                      constraints=["VIC_PGY1", "NO_NIGHTS"],

@@ -11,8 +11,12 @@ import asyncpg
 from tests.db.conftest import World, as_user, expect_sqlstate, insert_run
 from tests.support.roles import acting_as
 
-ADMIT_USER = "select planner_private.admit_user_run($1, $2, 1, '{}')"
-ADMIT_PRIVILEGED = "select planner_private.admit_privileged_run($1, $2, 1, '{}')"
+#: A run request as the admission functions take it (the insert trigger passes NEW).
+RUN_ROW = ("jsonb_populate_record(null::public.allocation_planner_runs, jsonb_build_object("
+           "'organization_id', $1::uuid, 'allocation_run_id', $2::uuid, 'n_job_lines', 1,"
+           " 'constraints', '{}'::text[], 'options', '{}'::jsonb))")
+ADMIT_USER = f"select planner_private.admit_user_run({RUN_ROW})"
+ADMIT_PRIVILEGED = f"select planner_private.admit_privileged_run({RUN_ROW})"
 
 
 async def test_the_admission_switch_is_gone(pg: asyncpg.Connection, world: World) -> None:
@@ -65,7 +69,7 @@ async def test_a_user_cannot_take_the_privileged_path(
         await as_user(pg, b.planner, ADMIT_PRIVILEGED, a.id, a.allocation_run_id)
     async with expect_sqlstate("42501"):
         await as_user(pg, b.planner,
-                      "select planner_private.admission_checks($1, $2, 1, '{}', 'PL002')",
+                      f"select planner_private.admission_checks({RUN_ROW}, 'PL002')",
                       a.id, a.allocation_run_id)
 
 

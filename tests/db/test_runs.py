@@ -130,13 +130,15 @@ async def test_max_job_lines_is_configurable(
 ):
     ar = await fresh_ar(su, world)
     await request_run(pg, world.a, allocation_run_id=ar, n_job_lines=500)
-    await su.execute("update planner_engine.settings set max_job_lines = 10")
+    await su.execute("update planner_engine.limits set max_job_lines = 10"
+                     " where organization_id = $1", world.a.id)
     try:
         ar2 = await fresh_ar(su, world)
         async with expect_sqlstate("PL011"):
             await request_run(pg, world.a, allocation_run_id=ar2, n_job_lines=11)
     finally:
-        await su.execute("update planner_engine.settings set max_job_lines = 500")
+        await su.execute("update planner_engine.limits set max_job_lines = null"
+                         " where organization_id = $1", world.a.id)
 
 
 # -- rate limits (invariant 4) ---------------------------------------------------------------
@@ -190,11 +192,13 @@ async def test_hourly_limit_per_organisation(pg: asyncpg.Connection, su: asyncpg
     else:
         raise AssertionError("31st run in an hour accepted")
     # per-organisation override
-    await su.execute("update organizations set max_runs_per_hour = 31 where id = $1", org.id)
+    await su.execute("insert into planner_engine.limits (organization_id, runs_per_hour)"
+                     " values ($1, 31)", org.id)
     await request_run(pg, org, allocation_run_id=ars[30])
-    # runs older than an hour no longer count
-    await su.execute("update organizations set max_runs_per_hour = 2 where id = $1", org.id)
-    await su.execute("update allocation_planner_runs set created_at = now() - interval '61 minutes'"
+    # runs older than an hour no longer count (the ledger's time, not the run's, counts)
+    await su.execute("update planner_engine.limits set runs_per_hour = 2"
+                     " where organization_id = $1", org.id)
+    await su.execute("update planner_private.usage_ledger set at = now() - interval '61 minutes'"
                      " where organization_id = $1", org.id)
     await su.execute("update allocation_planner_runs set status = 'CANCELLED',"
                      " finished_at = now() where organization_id = $1 and status = 'PENDING'",
@@ -205,8 +209,8 @@ async def test_hourly_limit_per_organisation(pg: asyncpg.Connection, su: asyncpg
 async def test_members_cannot_raise_their_own_limit(pg: asyncpg.Connection, world: World):
     async with expect_sqlstate("42501"):
         await as_user(pg, world.a.admin,
-                      "update organizations set max_runs_per_hour = 1000000 where id = $1",
-                      world.a.id)
+                      "update planner_engine.limits set runs_per_hour = 1000000"
+                      " where organization_id = $1", world.a.id)
 
 
 # -- lifecycle (invariant 2) -----------------------------------------------------------------

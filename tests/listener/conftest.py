@@ -11,6 +11,7 @@ import pytest
 
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
+from tests.support.databases import GENEROUS_DEFAULT_LIMITS_SQL
 from tests.support.harness import ListenerProcess, listener_env, stop_all
 from tests.support.realtime import RealtimeServer
 
@@ -32,7 +33,7 @@ async def orgs(dev_settings: DevSettings, db_url: str) -> list[SeededOrganizatio
         made.append(await seed_organization(conn, dev_settings, "Big Health", instance_seed=99,
                                             **LARGE))
         # Tests insert many runs; the hourly Denial-of-Wallet limit has its own tests.
-        await conn.execute("update organizations set max_runs_per_hour = 10000")
+        await conn.execute(GENEROUS_DEFAULT_LIMITS_SQL, 10000)
         return made
     finally:
         await conn.close()

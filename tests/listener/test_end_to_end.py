@@ -209,7 +209,7 @@ async def test_cancel_stops_the_solve_and_keeps_the_old_plan(
     db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
 ):
     big = orgs[-1]
-    listener = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60)
+    listener = listeners("L1")
     await listener.wait_ready()
     before = await plan_size(db, big)
     run_id = await start_run(db, big, {"time_limit_seconds": 60})
@@ -226,7 +226,7 @@ async def test_sigterm_mid_solve_requeues_and_a_second_listener_completes(
     db: asyncpg.Connection, orgs: list[SeededOrganization], listeners: ListenerFactory,
 ):
     big = orgs[-1]
-    first = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60, PLANNER_SHUTDOWN_GRACE_S=1)
+    first = listeners("L1", PLANNER_SHUTDOWN_GRACE_S=1)
     await first.wait_ready()
     run_id = await start_run(db, big, {"time_limit_seconds": 60})
     row = await wait_for_status(db, run_id, {"GENERATING"}, 30)
@@ -236,8 +236,10 @@ async def test_sigterm_mid_solve_requeues_and_a_second_listener_completes(
     assert await first.wait(timeout_s=30) == 0, first.log()
     row = await run_row(db, run_id)
     assert row["status"] == "PENDING" and row["worker_id"] is None, row
-    # A second listener (capping solves at 3 s) takes it over and completes it.
-    second = listeners("L2", PLANNER_SOLVER_TIME_LIMIT_S=3)
+    # A second listener takes it over and completes it (the operator shortened the run's cap
+    # to 3 s meanwhile: the cap is the row's, whichever listener solves it).
+    await db.execute("update allocation_planner_runs set time_limit_s = 3 where id = $1", run_id)
+    second = listeners("L2")
     row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
     assert row["status"] == "COMPLETED" and row["worker_id"] == "L2"
     await assert_valid_plan(db, run_id)
@@ -251,7 +253,7 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
     max_attempts: int,
 ):
     big = orgs[-1]
-    first = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=60)
+    first = listeners("L1")
     await first.wait_ready()
     run_id = await start_run(db, big, {"time_limit_seconds": 60})
     await db.execute("update allocation_planner_runs set max_attempts = $2 where id = $1",
@@ -280,7 +282,8 @@ async def test_kill_9_mid_solve_is_rescued_by_the_sweeper(
         assert row["status"] == "FAILED", row
         return
     assert row["status"] == "PENDING"
-    listeners("L2", PLANNER_SOLVER_TIME_LIMIT_S=3)
+    await db.execute("update allocation_planner_runs set time_limit_s = 3 where id = $1", run_id)
+    listeners("L2")
     row = await wait_for_status(db, run_id, TERMINAL, timeout_s=60)
     assert row["status"] == "COMPLETED" and row["attempts"] == 2
     await assert_valid_plan(db, run_id)
@@ -377,7 +380,7 @@ async def test_lease_lost_mid_solve_writes_nothing_and_the_run_is_redone(
     next heartbeat sees the lease is gone, kills its solve and writes nothing; the run is
     then claimed again and committed exactly once."""
     big = orgs[-1]
-    proc = listeners("L1", PLANNER_SOLVER_TIME_LIMIT_S=4)
+    proc = listeners("L1")
     await proc.wait_ready()
     if await plan_size(db, big) == 0:
         # A commit snapshots the plan it replaces: make sure there is one (run on its own,

@@ -35,17 +35,17 @@ def settings(**over: Any) -> ListenerSettings:
         "PLANNER_DATABASE_URL": "postgresql://u:p@127.0.0.1:1/db",
         "SUPABASE_URL": "http://127.0.0.1:1", "SUPABASE_SERVICE_ROLE_KEY": "k",
         "heartbeat_interval_s": 0.01, "progress_interval_s": 0.001, "shutdown_grace_s": 0.05,
-        "solver_time_limit_s": 120, "worker_id": "w-test",
+        "worker_id": "w-test",
     }
     return ListenerSettings(**{**base, **over})
 
 
 class Rig:
     def __init__(self, solver: ScriptedSolver, raw: dict[str, Any] | None = None,
-                 **over: Any) -> None:
+                 time_limit_s: int = 120, **over: Any) -> None:
         self.store, self.sink, self.solver = InMemoryStore(), RecordingSink(), solver
         self.executor = RunExecutor(self.store, self.sink, solver, settings(**over))
-        self.run = self.store.claim(raw if raw is not None else RAW)
+        self.run = self.store.claim(raw if raw is not None else RAW, time_limit_s=time_limit_s)
         self.draining = asyncio.Event()
 
     @property
@@ -90,10 +90,36 @@ async def test_infeasible_keeps_the_explanation():
 
 
 async def test_no_plan_within_the_time_limit_fails_naming_the_limit():
-    rig = Rig(ScriptedSolver(Plan(status="UNKNOWN")), solver_time_limit_s=7)
+    rig = Rig(ScriptedSolver(Plan(status="UNKNOWN")), time_limit_s=7)
     assert await rig.execute() is Outcome.FAILED
     assert rig.stored.error == "no feasible plan found within the 7s time limit"
-    assert rig.solver.started[0].time_limit_s == 7, "the listener's cap wins over the run's"
+    assert rig.solver.started[0].time_limit_s == 7, "the row's cap wins over the options'"
+
+
+async def test_the_row_cap_applies_when_the_options_name_no_limit():
+    """The solver's own default (30 s) is not the run's cap: time_limit_s is (issue 13)."""
+    raw = {**RAW, "options": {k: v for k, v in RAW["options"].items()
+                              if k != "time_limit_seconds"}}
+    rig = Rig(ScriptedSolver(PLAN), raw=raw, time_limit_s=45)
+    assert await rig.execute() is Outcome.COMPLETED
+    assert rig.solver.started[0].time_limit_s == 45
+
+
+def test_the_old_time_limit_variable_stops_the_listener_with_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PLANNER_SOLVER_TIME_LIMIT_S is no longer read; still set, it must not silently differ
+    from the database's cap."""
+    from pydantic import ValidationError
+
+    from listener.settings import summarise_errors
+
+    monkeypatch.setenv("PLANNER_SOLVER_TIME_LIMIT_S", "120")
+    with pytest.raises(ValidationError) as info:
+        settings()
+    line = summarise_errors(info.value)
+    assert line.startswith("PLANNER_SOLVER_TIME_LIMIT_S: no longer read") and "\n" not in line
+    assert "max_time_limit_s" in line
 
 
 async def test_invalid_input_fails_before_any_solve():

@@ -125,3 +125,28 @@ def test_readiness_waits_for_changes_to_flow():
     assert link.changes_flowing and len(resyncs) == 2, "scanned again once changes flow"
     link._on_state(RealtimeSubscribeStates.CHANNEL_ERROR, None)
     assert not link.subscribed and not link.changes_flowing
+
+
+async def test_a_scrape_refreshes_the_refusal_counters_from_the_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Listener.refresh_metrics (what /metrics awaits before each scrape) puts the database's
+    counts into planner_refusals_total."""
+    from prometheus_client import generate_latest
+
+    from listener.app import Listener
+
+    monkeypatch.setenv("PLANNER_DATABASE_URL", "postgresql://u:p@h/db")
+    monkeypatch.setenv("SUPABASE_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "k")
+    listener = Listener(ListenerSettings())  # type: ignore[call-arg]
+
+    class Counts:
+        async def refusal_counts(self) -> dict[str, int]:
+            return {"runs_per_hour": 3, "teams": 0}
+
+    listener.db = Counts()  # type: ignore[assignment]
+    await listener.refresh_metrics()
+    text = generate_latest().decode()
+    assert 'planner_refusals_total{reason="runs_per_hour"} 3.0' in text
+    assert 'planner_refusals_total{reason="teams"} 0.0' in text

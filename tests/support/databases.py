@@ -25,6 +25,23 @@ _TEMPLATE_LOCK = 0x7465_6D70_6C61
 SCHEMA_DIR = MIGRATIONS_DIR / "schema"
 
 
+#: An organisation's own limits row ($1 = organisation id, $2 = runs per hour) with the queue
+#: and the solver-seconds budgets out of reach: for tests and benchmarks whose subject is
+#: not the limits. The sizes and the time cap stay the defaults'.
+GENEROUS_LIMITS_SQL = (
+    "insert into planner_engine.limits (organization_id, runs_per_hour, queued_runs,"
+    " solver_seconds_per_hour, solver_seconds_per_day) values ($1, $2, 1000000, 1000000000,"
+    " 1000000000) on conflict (organization_id) do update set"
+    " runs_per_hour = excluded.runs_per_hour, queued_runs = excluded.queued_runs,"
+    " solver_seconds_per_hour = excluded.solver_seconds_per_hour,"
+    " solver_seconds_per_day = excluded.solver_seconds_per_day")
+#: The same for every organisation of a test database, through the default row.
+GENEROUS_DEFAULT_LIMITS_SQL = (
+    "update planner_engine.limits set runs_per_hour = $1, queued_runs = 1000000,"
+    " solver_seconds_per_hour = 1000000000, solver_seconds_per_day = 1000000000"
+    " where tier = 'default'")
+
+
 def schema_hash() -> str:
     h = hashlib.sha256(SCAFFOLDING_SQL.read_bytes())
     for path in sorted(MIGRATIONS_DIR.glob("*.sql")):

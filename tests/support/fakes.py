@@ -41,12 +41,13 @@ class InMemoryStore:
         self.fail_commit: Exception | None = None  # raised by the next commit_plan
         self._sweep_at: tuple[int, uuid.UUID] | None = None
 
-    def claim(self, raw: dict[str, Any], attempts: int = 1) -> ClaimedRun:
+    def claim(self, raw: dict[str, Any], attempts: int = 1,
+              time_limit_s: int = 120) -> ClaimedRun:
         """A GENERATING run holding a fresh lease, as `claim_run` returns it."""
         run = ClaimedRun(id=uuid.uuid4(), organization_id=uuid.uuid4(),
                          allocation_run_id=uuid.uuid4(), n_job_lines=int(raw["n_job_lines"]),
                          attempts=attempts, max_attempts=3, lease=uuid.uuid4(),
-                         created_at=datetime.now(UTC))
+                         created_at=datetime.now(UTC), time_limit_s=time_limit_s)
         self.runs[run.id] = StoredRun(raw=raw, lease=run.lease)
         return run
 
