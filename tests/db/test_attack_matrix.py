@@ -79,6 +79,12 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
                                 "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "planner_private.released_leases": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
                                         "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    "planner_private.organization_claims": {
+        "select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+        "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    "planner_private.listener_heartbeats": {
+        "select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+        "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
 }
 
 #: function call (with A's objects) -> (anon, viewer_B, planner_B, admin_B, engine)
@@ -87,6 +93,7 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "public.restore_job_lines(A's snapshot)": (D, "PL012", "PL012", "PL012", D),
     "public.invite_member(A's org)": (D, "PL031", "PL031", "PL031", D),
     "public.accept_invitation(A's invitation)": (D, "PL032", "PL032", "PL032", D),
+    "public.planner_run_queue_position(A's pending run)": (D, "PL012", "PL012", "PL012", D),
     "planner_engine.claim_run(A's pending run)": (D, D, D, D, "ok"),
     "planner_engine.heartbeat(A's run, forged lease)": (D, D, D, D, "ok"),
     "planner_engine.load_problem(A's run, forged lease)": (D, D, D, D, "PL001"),
@@ -100,6 +107,8 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "planner_engine.write_logs([A's run, forged lease, back-dated CRITICAL])":
         (D, D, D, D, "ok"),
     "planner_engine.pending_runs(10)": (D, D, D, D, "ok"),
+    "planner_engine.queue_positions(10)": (D, D, D, D, "ok"),
+    "planner_engine.listener_heartbeat('evil')": (D, D, D, D, "ok"),
     "planner_engine.sweep_stale_runs()": (D, D, D, D, "ok"),
     "planner_private.sweep_stale_runs('0 seconds', '0 seconds')": (D, D, D, D, D),
     "planner_engine.self_check()": (D, D, D, D, "ok"),
@@ -118,6 +127,13 @@ RPC_NOTES = {
     "planner_engine.pending_runs(10)":
         "ids and creation times of PENDING runs, what the catch-up scan needs to claim them; "
         "no other column, no write",
+    "planner_engine.queue_positions(10)":
+        "the ids pending_runs already gives, each with the number of runs ahead of it and an "
+        "estimated start: no organisation, no size, no write",
+    "planner_engine.listener_heartbeat('evil')":
+        "records that a listener named so is alive (planner_private.listener_heartbeats, "
+        "nobody else reads it): at worst PENDING runs keep waiting for a claim instead of "
+        "failing by timeout; it touches no run and no tenant row",
     "planner_engine.sweep_stale_runs()":
         "the engine may run the sweeper; it passes no timeouts, those of "
         "planner_engine.settings apply, so it only touches runs past them",
@@ -152,7 +168,14 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "public.planner_execution_logs_id_seq": ("", "", ""),
     "planner_engine.settings": ("", "", ""),
     "planner_private.released_leases": ("", "", ""),
+    "planner_private.organization_claims": ("", "", ""),
+    "planner_private.listener_heartbeats": ("", "", ""),
     "public.request_cancel(uuid)": ("", "execute", ""),
+    "public.planner_run_queue_position(uuid)": ("", "execute", ""),
+    "planner_engine.listener_heartbeat(text,boolean)": ("", "", "execute"),
+    "planner_engine.queue_positions(integer)": ("", "", "execute"),
+    "planner_private.queue_positions()": ("", "", ""),
+    "planner_private.estimated_start(integer)": ("", "", ""),
     "public.restore_job_lines(uuid)": ("", "execute", ""),
     "public.invite_member(uuid,text,text)": ("", "execute", ""),
     "public.accept_invitation(uuid)": ("", "execute", ""),
@@ -389,6 +412,7 @@ async def fx(su: asyncpg.Connection, world: World) -> Fixture:
     b_run = await insert_run(su, b.id, b.allocation_run_id)
     cb = await claim(su, b_run)
     assert cb is not None
+    await su.execute("select planner_engine.listener_heartbeat('matrix-fixture')")
     invitation = await su.fetchval(
         "select public.invite_member($1, 'invitee@example.test', 'viewer')::text", a.id)
     column = str(await su.fetchval("select lease from allocation_planner_runs where id = $1", gen))
@@ -400,7 +424,7 @@ def _a_filter(table: str) -> str:
     if table == "organizations":
         return "id = $1"
     if table in ("planner_rule_sets", "planner_engine.settings",
-                 "planner_private.released_leases"):
+                 "planner_private.released_leases", "planner_private.listener_heartbeats"):
         return "$1::uuid is not null"
     return "organization_id = $1"
 
@@ -444,6 +468,11 @@ def _insert_sql(table: str, f: Fixture) -> tuple[str, list[Any]]:
         "planner_private.released_leases": (
             "insert into planner_private.released_leases values ($1, gen_random_uuid(), now())",
             [f.pending_run]),
+        "planner_private.organization_claims": (
+            "insert into planner_private.organization_claims values ($1, now())", [b.id]),
+        "planner_private.listener_heartbeats": (
+            "insert into planner_private.listener_heartbeats (worker_id, beat_at)"
+            " values ('evil', now())", []),
     }[table]
 
 
@@ -452,7 +481,9 @@ _SET = {"organizations": "name = name", "organization_members": "role = role",
         "planner_rule_sets": "description = description", "rotations": "pinned = pinned",
         "allocation_planner_runs": "n_job_lines = n_job_lines",
         "planner_engine.settings": "max_attempts = max_attempts",
-        "planner_private.released_leases": "released_at = released_at"}
+        "planner_private.released_leases": "released_at = released_at",
+        "planner_private.organization_claims": "last_claimed_at = last_claimed_at",
+        "planner_private.listener_heartbeats": "beat_at = beat_at"}
 
 
 async def _as_actor(
@@ -538,6 +569,9 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
                                a.id)
         elif name.startswith("public.accept_invitation"):
             await conn.execute("select public.accept_invitation($1)", f.invitation)
+        elif name.startswith("public.planner_run_queue_position"):
+            await conn.fetch("select * from public.planner_run_queue_position($1)",
+                             f.pending_run)
         elif name.startswith("planner_engine.claim_run"):
             rows = await conn.fetch("select * from planner_engine.claim_run('evil', $1)",
                                     f.pending_run)
@@ -581,6 +615,13 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
             rows = await conn.fetch("select * from planner_engine.pending_runs(10)")
             assert [sorted(r.keys()) for r in rows] == [["created_at", "id"]] * len(rows)
             assert f.pending_run in {str(r["id"]) for r in rows}
+        elif name.startswith("planner_engine.queue_positions"):
+            rows = await conn.fetch("select * from planner_engine.queue_positions(10)")
+            assert [sorted(r.keys()) for r in rows] == (
+                [["estimated_start", "id", "runs_ahead"]] * len(rows))
+            assert f.pending_run in {str(r["id"]) for r in rows}
+        elif name.startswith("planner_engine.listener_heartbeat"):
+            await conn.execute("select planner_engine.listener_heartbeat('evil')")
         elif name.startswith("planner_engine.sweep_stale_runs"):
             await conn.fetchval("select planner_engine.sweep_stale_runs()")
         elif name.startswith("planner_private.sweep_stale_runs"):
