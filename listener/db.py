@@ -20,7 +20,8 @@ from listener.ports import Beat, ClaimedRun, LeaseLost
 from listener.queries import q
 from solver.problem import PlanLine
 
-__all__ = ["LEASE_LOST", "Beat", "CheckRow", "ClaimedRun", "EngineDB", "LeaseLost"]
+__all__ = ["LEASE_LOST", "Beat", "CheckRow", "ClaimedRun", "EngineDB", "LeaseLost",
+           "QueuePosition"]
 
 LEASE_LOST = "PL001"
 
@@ -32,6 +33,15 @@ class CheckRow(BaseModel):
     ok: bool
     severity: Literal["error", "warning"]
     detail: str
+
+
+class QueuePosition(BaseModel):
+    """One row of `planner_engine.queue_positions`: a PENDING run, the runs claim_run will
+    hand out before it, and the database's estimate of its start (None: no live listener)."""
+
+    id: uuid.UUID
+    runs_ahead: int
+    estimated_start: datetime | None
 
 
 def _json(value: Any) -> str:
@@ -128,6 +138,13 @@ class EngineDB:
 
     async def write_logs(self, records: Sequence[dict[str, Any]]) -> int:
         return int(await self.pool.fetchval(q("write_logs"), _json(list(records))) or 0)
+
+    async def listener_heartbeat(self, worker_id: str, *, stopping: bool = False) -> None:
+        await self.pool.execute(q("listener_heartbeat"), worker_id, stopping)
+
+    async def queue_positions(self, limit: int = 1000) -> list[QueuePosition]:
+        rows = await self.pool.fetch(q("queue_positions"), limit)
+        return [QueuePosition.model_validate(dict(r)) for r in rows]
 
     async def pending_runs(self, limit: int = 1000) -> list[tuple[uuid.UUID, datetime]]:
         rows = await self.pool.fetch(q("pending_runs"), limit)

@@ -2,7 +2,8 @@
 -- (migrations/); these are thin calls to them, one per name.
 
 -- name: claim_run
--- Claim the given PENDING run (or nothing). Returns the run with its fresh lease, the only
+-- Claim the next PENDING run in the database's order ($2 NULL: the listener never chooses), or
+-- the given one when $2 is a run id; nothing when there is none. Returns the run with its fresh lease, the only
 -- time the lease is seen: the database keeps its digest.
 select id, organization_id, allocation_run_id, n_job_lines, attempts, max_attempts, lease,
        created_at
@@ -27,6 +28,16 @@ select planner_engine.write_logs($1::jsonb);
 -- Catch-up: the runs nobody announced (Realtime is at-most-once), oldest first. The engine
 -- role reads no table; the function returns ids and ages only.
 select id, created_at from planner_engine.pending_runs($1::integer);
+
+-- name: listener_heartbeat
+-- This listener can take runs ($2 true: it is stopping). The sweeper's pending timeout applies
+-- only when no listener beat within it.
+select planner_engine.listener_heartbeat($1::text, $2::boolean);
+
+-- name: queue_positions
+-- Every PENDING run with the runs claim_run hands out before it and an estimated start: what
+-- the listener broadcasts as `position` (runs_ahead + 1).
+select id, runs_ahead, estimated_start from planner_engine.queue_positions($1::integer);
 
 -- name: ping
 select 1;
