@@ -161,14 +161,18 @@ class Listener:
         self-check passes; a clean stop removes the row. On the event loop on purpose: a gap
         here means the loop itself was blocked (bench/flood_bench.py measures it)."""
         assert self.db is not None
+        clock = asyncio.get_running_loop()
+        due = clock.time()
         while not self.draining.is_set():
             if self.checks_ok.is_set():
                 try:
                     await self.db.listener_heartbeat(self.s.worker_id)
                 except Exception as exc:  # the pending TTL covers a long outage
                     logger.warning("listener heartbeat failed: {}", exc)
+            # A fixed cadence: the round trip's time is not added to every interval.
+            due = max(due + self.s.heartbeat_interval_s, clock.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.draining.wait(), timeout=self.s.heartbeat_interval_s)
+                await asyncio.wait_for(self.draining.wait(), timeout=due - clock.time())
         with contextlib.suppress(Exception):
             await self.db.listener_heartbeat(self.s.worker_id, stopping=True)
 
