@@ -254,7 +254,7 @@ async def main(window_s: float, giant_teams: int, seed: int) -> None:
     rnd = random.Random(seed)
     async with cloned_database(settings, prefix="flood") as name:
         db = await asyncpg.connect(settings.dsn(name))
-        await db.execute("update planner_engine.settings set pending_run_ttl = $1::interval",
+        await db.execute("update planner_engine.settings set pending_run_ttl = $1::text::interval",
                          f"{PENDING_TTL_S} seconds")
         await db.close()
         with RealtimeServer(settings, name) as rt, tempfile.TemporaryDirectory() as tmpdir:

@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import uuid
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +49,9 @@ from listener.run_queue import Wakeup
 from listener.settings import ListenerSettings
 from listener.solving import ChildProcessSolver
 
+#: How many hinted run ids the listener remembers to tell catch-up finds from known runs.
+KNOWN_RUNS = 10_000
+
 
 class Listener:
     def __init__(self, settings: ListenerSettings) -> None:
@@ -58,6 +62,8 @@ class Listener:
         self._resync = asyncio.Event()
         self._announced: dict[uuid.UUID, int] = {}
         self._queue_depth = 0  # PENDING runs at the last announcement (all organisations)
+        #: run ids hinted so far (the newest KNOWN_RUNS): a catch-up hit is a run never heard of
+        self._known: OrderedDict[uuid.UUID, None] = OrderedDict()
         self.db: EngineDB | None = None
         self.bc: Broadcaster | None = None
         self.link: RealtimeLink | None = None
@@ -80,6 +86,10 @@ class Listener:
         """Wake the work loop for `run_id`; returns whether it was a new hint."""
         if self.draining.is_set() or run_id == self.current_run:
             return False
+        self._known[run_id] = None
+        self._known.move_to_end(run_id)
+        while len(self._known) > KNOWN_RUNS:
+            self._known.popitem(last=False)
         if self.wake.hint(run_id):
             logger.debug("run {} announced: claiming the next run", run_id)
             self._announce_queue()
@@ -150,7 +160,8 @@ class Listener:
                 logger.warning("catch-up scan failed: {}", exc)
                 pending = []
             for run_id, _created_at in pending:
-                if self._hint(run_id):
+                missed = run_id not in self._known  # no event (or earlier scan) named it
+                if self._hint(run_id) and missed:
                     metrics.CATCHUP_RUNS.inc()
             self._resync.clear()
             with contextlib.suppress(TimeoutError):
