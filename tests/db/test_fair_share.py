@@ -266,3 +266,15 @@ async def test_a_heartbeat_does_not_rewrite_a_large_options_value(
     finally:
         await tx.rollback()
     assert full > 900_000, f"control: REPLICA IDENTITY FULL wrote only {full} bytes"
+
+
+async def test_a_cancelled_pending_run_is_never_claimed(su: asyncpg.Connection) -> None:
+    """Cancelling a PENDING run needs nothing from the listener: the round robin only hands
+    out PENDING runs, so the organisation's next run (or another's) comes instead."""
+    await _clear_queue(su)
+    a = await new_org(su, "Cancel A")
+    first, second = await _runs(su, a, 2)
+    await as_user(su, a.planner, "select public.request_cancel($1)", first)
+    assert await _claim_all(su) == [second]
+    assert await su.fetchval("select status from allocation_planner_runs where id = $1",
+                             first) == "CANCELLED"
