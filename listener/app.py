@@ -1,11 +1,17 @@
-"""The listener process: Realtime wake-ups -> one solver queue -> fenced writes.
+"""The listener process: Realtime wake-ups -> claim the next run -> fenced writes.
 
     Realtime postgres_changes ─┐
-    catch-up scan (30 s) ──────┼─> RunQueue (oldest first) ─> claim_run ─> RunExecutor ─> DB
-    every (re)subscribe ───────┘                                               │
-                                                  progress broadcasts <────────┘
+    catch-up scan (30 s) ──────┼─> Wakeup ─> claim_run(worker) ─> RunExecutor ─> DB
+    every (re)subscribe ───────┘   (the database picks the run:              │
+                                    round robin across organisations)        │
+                                                  progress broadcasts <──────┘
 
-One solve at a time per process. SIGTERM/SIGINT: stop claiming, let the running solve finish
+One solve at a time per process. Which run comes next is never decided here: events and scans
+only wake the work loop, and `claim_run` without a run id takes the next run in the database's
+order, the same for every replica. Queue positions broadcast to UIs are the database's answer
+too (planner_engine.queue_positions). While it can claim, the listener beats
+planner_engine.listener_heartbeat on its heartbeat interval: the sweeper fails a PENDING run
+by timeout only when no listener did. SIGTERM/SIGINT: stop claiming, let the running solve finish
 within the grace period, else hand it back (PENDING), flush the run logs, exit 0.
 """
 
@@ -16,6 +22,7 @@ import contextlib
 import os
 import signal
 import uuid
+from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
@@ -37,19 +44,25 @@ from listener.errors import (
 from listener.executor import RunExecutor
 from listener.logs import RunLogSink
 from listener.realtime_link import RealtimeLink
-from listener.run_queue import RunQueue
+from listener.run_queue import Wakeup
 from listener.settings import ListenerSettings
 from listener.solving import ChildProcessSolver
+
+#: How many hinted run ids the listener remembers to tell catch-up finds from known runs.
+KNOWN_RUNS = 10_000
 
 
 class Listener:
     def __init__(self, settings: ListenerSettings) -> None:
         self.s = settings
-        self.queue = RunQueue()
+        self.wake = Wakeup()
         self.draining = asyncio.Event()  # set on SIGTERM: stop claiming
         self.stopped = asyncio.Event()  # set when background tasks must end
         self._resync = asyncio.Event()
         self._announced: dict[uuid.UUID, int] = {}
+        self._queue_depth = 0  # PENDING runs at the last announcement (all organisations)
+        #: run ids hinted so far (the newest KNOWN_RUNS): a catch-up hit is a run never heard of
+        self._known: OrderedDict[uuid.UUID, None] = OrderedDict()
         self.db: EngineDB | None = None
         self.bc: DbBroadcaster | None = None
         self.link: RealtimeLink | None = None
@@ -64,12 +77,23 @@ class Listener:
 
     # -- hints ------------------------------------------------------------------------------
     def hint(self, run_id: uuid.UUID, created_at: datetime) -> None:
+        """A run looked PENDING (RealtimeLink's callback; `created_at` goes unused: the order
+        is the database's)."""
+        self._hint(run_id)
+
+    def _hint(self, run_id: uuid.UUID) -> bool:
+        """Wake the work loop for `run_id`; returns whether it was a new hint."""
         if self.draining.is_set() or run_id == self.current_run:
-            return
-        if self.queue.put(run_id, created_at):
-            logger.debug("run {} queued", run_id)
-            metrics.QUEUE_DEPTH.set(len(self.queue))
+            return False
+        self._known[run_id] = None
+        self._known.move_to_end(run_id)
+        while len(self._known) > KNOWN_RUNS:
+            self._known.popitem(last=False)
+        if self.wake.hint(run_id):
+            logger.debug("run {} announced: claiming the next run", run_id)
             self._announce_queue()
+            return True
+        return False
 
     def resync(self) -> None:
         self._resync.set()
@@ -94,20 +118,38 @@ class Listener:
             self._announce_timer = asyncio.get_running_loop().call_later(1.0, fire)
 
     def _announce_now(self) -> None:
-        """One database call for the round (planner_engine.announce_queued): the runs are
-        not claimed yet, so there is no lease; the database sends the `status` event
-        (listener.events.StatusEvent, PENDING, queued) only for runs still PENDING."""
-        assert self.bc is not None
-        positions = self.queue.positions()
-        changed = {run_id: pos for run_id, pos in positions.items()
-                   if self._announced.get(run_id) != pos}
-        self._announced.update(changed)
+        self._spawn(self._announce_positions())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _announce_positions(self) -> bool:
+        """Broadcast the database's queue positions (planner_engine.queue_positions: the order
+        claim_run follows, across every listener) where they changed since the last round."""
+        assert self.bc is not None and self.db is not None
+        try:
+            rows = await self.db.queue_positions()
+        except Exception as exc:  # best effort: the UI can ask the database itself
+            logger.warning("queue positions unavailable: {}", exc)
+            return False
+        self._queue_depth = len(rows)
+        metrics.QUEUE_DEPTH.set(len(rows))
+        seen = set()
+        changed = []
+        for row in rows:
+            seen.add(row.id)
+            pos = row.runs_ahead + 1
+            if self._announced.get(row.id) != pos:
+                self._announced[row.id] = pos
+                changed.append(row.id)
         if changed:
-            task = asyncio.create_task(self.bc.announce_queued(changed))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        for gone in set(self._announced) - set(positions):
+            # One call; the database sends what it computes itself (no lease before the claim).
+            self._spawn(self.bc.announce_queued(changed))
+        for gone in set(self._announced) - seen:
             del self._announced[gone]
+        return True
 
     # -- loops ------------------------------------------------------------------------------
     async def _catch_up_loop(self) -> None:
@@ -118,14 +160,33 @@ class Listener:
             except Exception as exc:
                 logger.warning("catch-up scan failed: {}", exc)
                 pending = []
-            for run_id, created_at in pending:
-                before = len(self.queue)
-                self.hint(run_id, created_at)
-                if len(self.queue) > before:
+            for run_id, _created_at in pending:
+                missed = run_id not in self._known  # no event (or earlier scan) named it
+                if self._hint(run_id) and missed:
                     metrics.CATCHUP_RUNS.inc()
             self._resync.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._resync.wait(), timeout=self.s.reconcile_interval_s)
+
+    async def _listener_heartbeat_loop(self) -> None:
+        """Tell the database this listener can take runs, every heartbeat interval while the
+        self-check passes; a clean stop removes the row. On the event loop on purpose: a gap
+        here means the loop itself was blocked (bench/flood_bench.py measures it)."""
+        assert self.db is not None
+        clock = asyncio.get_running_loop()
+        due = clock.time()
+        while not self.draining.is_set():
+            if self.checks_ok.is_set():
+                try:
+                    await self.db.listener_heartbeat(self.s.worker_id)
+                except Exception as exc:  # the pending TTL covers a long outage
+                    logger.warning("listener heartbeat failed: {}", exc)
+            # A fixed cadence: the round trip's time is not added to every interval.
+            due = max(due + self.s.heartbeat_interval_s, clock.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.draining.wait(), timeout=due - clock.time())
+        with contextlib.suppress(Exception):
+            await self.db.listener_heartbeat(self.s.worker_id, stopping=True)
 
     async def _self_check_loop(self, expected: str | None) -> None:
         """Repeat the start-up self-check: a role that lost a grant, or a database rolled
@@ -174,39 +235,41 @@ class Listener:
         while not self.draining.is_set():
             if not await self._wait_checks_ok():
                 break
-            getter = asyncio.create_task(self.queue.get())
+            woken = asyncio.create_task(self.wake.wait())
             drain = asyncio.create_task(self.draining.wait())
-            await asyncio.wait({getter, drain}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({woken, drain}, return_when=asyncio.FIRST_COMPLETED)
             drain.cancel()
-            if not getter.done():
-                getter.cancel()
+            if not woken.done():
+                woken.cancel()
                 break
-            run_id = getter.result()
-            metrics.QUEUE_DEPTH.set(len(self.queue))
-            self._announce_queue()
+            hinted = self.wake.take()
             claim_started = asyncio.get_running_loop().time()
             try:
-                run = await self.db.claim(self.s.worker_id, run_id)
+                # No run id: the database hands out the next run of its round robin.
+                run = await self.db.claim(self.s.worker_id, None)
             except Exception as exc:
                 delay = claim_retry.next_delay()
-                logger.warning("claim of {} failed: {}; will retry in {:.1f}s", run_id, exc, delay)
+                logger.warning("claim failed: {}; will retry in {:.1f}s", exc, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.draining.wait(), timeout=delay)
                 self.resync()
                 continue
             claim_retry.reset()
             if run is None:
-                # Another listener has it, or it is no longer PENDING, or (seen with the local
-                # server, possible with any CDC) the event outran the insert's visibility to
-                # new snapshots. A scan a moment later settles the last case cheaply.
-                self._resync_soon()
+                # Other listeners took the hinted runs, or they are no longer PENDING, or (seen
+                # with the local server, possible with any CDC) the event outran the insert's
+                # visibility to new snapshots. A scan a moment later settles the last case.
+                if hinted:
+                    self._resync_soon()
                 continue
+            self._announce_queue()  # everyone behind it moved up
             self.current_run = run.id
             try:
                 claim_s = asyncio.get_running_loop().time() - claim_started
                 await executor.execute(run, self.draining, claim_s)
             finally:
                 self.current_run = None
+            self.wake.poke()  # more runs may be waiting: claim again straight away
 
     async def readiness(self) -> dict[str, Any]:
         db_ok = await self.db.ping() if self.db is not None else False
@@ -223,7 +286,7 @@ class Listener:
             # missing grant, until one succeeds).
             "broadcast": self.bc is not None and self.bc.failure is None,
             "broadcast_failure": self.bc.failure if self.bc is not None else None,
-            "queue_depth": len(self.queue),
+            "queue_depth": self._queue_depth,
             "current_run": str(self.current_run) if self.current_run else None,
             "draining": self.draining.is_set(),
             "worker_id": self.s.worker_id,
@@ -318,6 +381,7 @@ class Listener:
             asyncio.create_task(self._catch_up_loop(), name="catch-up"),
             asyncio.create_task(self.log_sink.run(self.db, self.stopped), name="run-logs"),
             asyncio.create_task(self._self_check_loop(expected), name="self-check"),
+            asyncio.create_task(self._listener_heartbeat_loop(), name="listener-heartbeat"),
         ]
         worker = asyncio.create_task(self._work_loop(executor), name="worker")
         try:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Sequence
 
 import asyncpg
 from loguru import logger
@@ -56,12 +56,13 @@ class DbBroadcaster:
         metrics.BROADCASTS.labels(event=event.event).inc()
         return True
 
-    async def announce_queued(self, positions: Mapping[uuid.UUID, int]) -> bool:
-        """`status` (PENDING, queued, position) for each run still waiting here."""
-        if not positions:
+    async def announce_queued(self, run_ids: Sequence[uuid.UUID]) -> bool:
+        """`status` (PENDING, queued, the database's position and estimated start) for each
+        of these runs still waiting."""
+        if not run_ids:
             return True
         try:
-            sent = await self._db.announce_queued(list(positions.items()))
+            sent = await self._db.announce_queued(run_ids)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             self._failed("status", None, exc)
             return False

@@ -20,7 +20,8 @@ from listener.ports import Beat, ClaimedRun, LeaseLost
 from listener.queries import q
 from solver.problem import PlanLine
 
-__all__ = ["LEASE_LOST", "Beat", "CheckRow", "ClaimedRun", "EngineDB", "LeaseLost"]
+__all__ = ["LEASE_LOST", "Beat", "CheckRow", "ClaimedRun", "EngineDB", "LeaseLost",
+           "QueuePosition"]
 
 LEASE_LOST = "PL001"
 
@@ -32,6 +33,15 @@ class CheckRow(BaseModel):
     ok: bool
     severity: Literal["error", "warning"]
     detail: str
+
+
+class QueuePosition(BaseModel):
+    """One row of `planner_engine.queue_positions`: a PENDING run, the runs claim_run will
+    hand out before it, and the database's estimate of its start (None: no live listener)."""
+
+    id: uuid.UUID
+    runs_ahead: int
+    estimated_start: datetime | None
 
 
 def _json(value: Any) -> str:
@@ -134,6 +144,13 @@ class EngineDB:
         rows = await self.pool.fetch(q("refusal_counts"))
         return {str(r["reason"]): int(r["refusals"]) for r in rows}
 
+    async def listener_heartbeat(self, worker_id: str, *, stopping: bool = False) -> None:
+        await self.pool.execute(q("listener_heartbeat"), worker_id, stopping)
+
+    async def queue_positions(self, limit: int = 1000) -> list[QueuePosition]:
+        rows = await self.pool.fetch(q("queue_positions"), limit)
+        return [QueuePosition.model_validate(dict(r)) for r in rows]
+
     async def pending_runs(self, limit: int = 1000) -> list[tuple[uuid.UUID, datetime]]:
         rows = await self.pool.fetch(q("pending_runs"), limit)
         return [(r["id"], r["created_at"]) for r in rows]
@@ -148,11 +165,10 @@ class EngineDB:
             _raise_lease_lost(exc)
             raise
 
-    async def announce_queued(self, positions: Sequence[tuple[uuid.UUID, int]]) -> int:
-        """Queue positions of PENDING runs, in one call; returns how many were sent."""
-        ids = [run_id for run_id, _ in positions]
-        places = [pos for _, pos in positions]
-        return int(await self.pool.fetchval(q("announce_queued"), ids, places) or 0)
+    async def announce_queued(self, run_ids: Sequence[uuid.UUID]) -> int:
+        """The database's queue position of each run still PENDING, sent in one call
+        (the database computes what is sent); returns how many were sent."""
+        return int(await self.pool.fetchval(q("announce_queued"), list(run_ids)) or 0)
 
 
 def _raise_lease_lost(exc: asyncpg.PostgresError) -> None:

@@ -15,6 +15,7 @@ handed back to the queue (listener shutdown) ends its attempt with `status` (`PE
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
@@ -77,7 +78,13 @@ class StatusEvent(_Event):
     status: RunStatus
     phase: Phase
     position: int | None = Field(
-        default=None, ge=1, description="Place in this listener's queue (1 = next); queued only.")
+        default=None, ge=1,
+        description="Place in the queue of every listener (1 = next: the runs that will be "
+                    "claimed before this one, plus one); queued only.")
+    estimated_start: datetime | None = Field(
+        default=None,
+        description="The database's estimate of when a queued run starts (null: no listener "
+                    "is alive, or not queued).")
 
 
 class ProgressEvent(_Event):

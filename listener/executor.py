@@ -175,8 +175,13 @@ class RunExecutor:
         lease = Lease()
 
         async def beat() -> None:
+            clock = asyncio.get_running_loop()
+            due = clock.time()
             while True:
-                await asyncio.sleep(self.s.heartbeat_interval_s)
+                # A fixed cadence, not "sleep, then beat": a slow round trip (a loaded
+                # database) must not add itself to every interval.
+                due = max(due + self.s.heartbeat_interval_s, clock.time())
+                await asyncio.sleep(due - clock.time())
                 try:
                     got = await self.store.heartbeat(run.id, run.lease)
                 except Exception as exc:  # the sweeper's TTL covers a long outage

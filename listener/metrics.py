@@ -8,7 +8,9 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-QUEUE_DEPTH = Gauge("planner_queue_depth", "Runs waiting for this listener's solver slot.")
+QUEUE_DEPTH = Gauge(
+    "planner_queue_depth",
+    "PENDING runs of every organisation at the last queue-position announcement.")
 SOLVING = Gauge("planner_solving", "1 while a solve is running in this listener.")
 RUNS = Counter("planner_runs_total", "Runs finished by this listener, by outcome.", ["outcome"])
 SOLVE_SECONDS = Histogram(

@@ -1,51 +1,45 @@
-"""The single solver queue: run ids waiting for this process's one solver slot.
+"""The listener's wake-up: "a claim may find a run now".
 
-Entries are *hints*: a Realtime event or a catch-up scan says "this run looked PENDING". The
-database decides with `claim_run`, so a stale or duplicate hint only costs one cheap claim
-that returns nothing. Oldest run first, each run id at most once.
+A Realtime event or a catch-up scan says "this run looked PENDING"; that only wakes the work
+loop, which then asks the database for *the next run* (`claim_run` without a run id). The
+order is the database's (a round robin across organisations, planner_engine.claim_run), so N
+listener replicas follow one order and no process keeps a line of its own that one tenant's
+flood could fill. The hinted run ids are kept only to know whether a claim that found nothing
+had been woken for a run (then the event may have outrun the insert's visibility).
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import uuid
-from datetime import datetime
 
 
-class RunQueue:
+class Wakeup:
     def __init__(self) -> None:
-        self._heap: list[tuple[datetime, uuid.UUID]] = []
-        self._queued: set[uuid.UUID] = set()
-        self._changed = asyncio.Event()
+        self._hinted: set[uuid.UUID] = set()
+        self._set = asyncio.Event()
 
-    def __len__(self) -> int:
-        return len(self._queued)
+    def hint(self, run_id: uuid.UUID) -> bool:
+        """Wake the work loop for this run; returns False when it was already hinted since the
+        last `take` (a duplicate event)."""
+        new = run_id not in self._hinted
+        self._hinted.add(run_id)
+        self._set.set()
+        return new
 
-    def put(self, run_id: uuid.UUID, created_at: datetime) -> bool:
-        """Queue a run; returns False when it is already waiting."""
-        if run_id in self._queued:
-            return False
-        self._queued.add(run_id)
-        heapq.heappush(self._heap, (created_at, run_id))
-        self._changed.set()
-        return True
+    def poke(self) -> None:
+        """Wake the work loop without a run in mind (after a run ended: claim the next)."""
+        self._set.set()
 
-    def discard(self, run_id: uuid.UUID) -> None:
-        if run_id in self._queued:
-            self._queued.remove(run_id)
-            self._heap = [e for e in self._heap if e[1] != run_id]
-            heapq.heapify(self._heap)
+    def is_set(self) -> bool:
+        return self._set.is_set()
 
-    def positions(self) -> dict[uuid.UUID, int]:
-        """1-based position of every waiting run (1 = next to be solved)."""
-        return {run_id: i + 1 for i, (_, run_id) in enumerate(sorted(self._heap))}
+    async def wait(self) -> None:
+        await self._set.wait()
 
-    async def get(self) -> uuid.UUID:
-        """The oldest waiting run, waiting until there is one."""
-        while not self._heap:
-            self._changed.clear()
-            await self._changed.wait()
-        _, run_id = heapq.heappop(self._heap)
-        self._queued.discard(run_id)
-        return run_id
+    def take(self) -> set[uuid.UUID]:
+        """Consume the wake-up before claiming: a hint arriving during the claim wakes the
+        loop again, so none is lost. Returns the runs hinted since the last call."""
+        self._set.clear()
+        hinted, self._hinted = self._hinted, set()
+        return hinted

@@ -54,14 +54,14 @@ begin
 end
 $$;
 
--- announce_queued: the `status` event of runs still waiting in a listener's queue, with their
--- place in it (1 = next). No lease exists before the claim, so this one is not fenced: it
--- sends only this fixed shape (listener.events.StatusEvent with status PENDING, phase
--- queued), only for runs that are PENDING now, and skips the others (a run claimed meanwhile
--- by another worker). Positions are the caller's, 1 to 10000. Returns how many were sent.
--- A stolen engine credential can thus show wrong queue positions for waiting runs; nothing
--- else.
-create function planner_engine.announce_queued(p_run_ids uuid[], p_positions integer[])
+-- announce_queued: the `status` event of PENDING runs with their place in the database's
+-- queue (planner_private.queue_positions: the order claim_run follows, 1 = next) and the
+-- estimated start. No lease exists before the claim, so this one is not fenced; the caller
+-- names runs only, and the database computes what is sent: one fixed shape
+-- (listener.events.StatusEvent with status PENDING, phase queued), only for runs that are
+-- PENDING now (the others are skipped). Returns how many were sent. A stolen engine
+-- credential can thus repeat a true queue position to a run's watchers; nothing else.
+create function planner_engine.announce_queued(p_run_ids uuid[])
 returns integer
 language plpgsql volatile security definer set search_path = ''
 as $$
@@ -69,20 +69,19 @@ declare
   n integer := 0;
   v record;
 begin
-  if p_run_ids is null or p_positions is null
-     or cardinality(p_run_ids) <> cardinality(p_positions) or cardinality(p_run_ids) > 1000
-     or exists (select 1 from unnest(p_positions) p where p is null or p < 1 or p > 10000) then
+  if p_run_ids is null or cardinality(p_run_ids) > 1000 then
     raise exception using errcode = '22023',
-      message = 'announce_queued: one position (1 to 10000) per run id, at most 1000 runs';
+      message = 'announce_queued: an array of at most 1000 run ids';
   end if;
   for v in
-    select q.run_id, q.pos
-      from unnest(p_run_ids, p_positions) as q(run_id, pos)
-      join public.allocation_planner_runs r on r.id = q.run_id and r.status = 'PENDING'
+    select q.run_id, q.runs_ahead
+      from planner_private.queue_positions() q
+     where q.run_id = any (p_run_ids)
   loop
     perform realtime.send(
       jsonb_build_object('version', 1, 'run_id', v.run_id, 'status', 'PENDING',
-                         'phase', 'queued', 'position', v.pos),
+                         'phase', 'queued', 'position', v.runs_ahead + 1,
+                         'estimated_start', planner_private.estimated_start(v.runs_ahead)),
       'status', 'planner_run:' || v.run_id::text, true);
     n := n + 1;
   end loop;
@@ -91,10 +90,10 @@ end
 $$;
 
 revoke all on function planner_engine.broadcast(uuid, uuid, text, jsonb),
-  planner_engine.announce_queued(uuid[], integer[])
+  planner_engine.announce_queued(uuid[])
   from public, anon, authenticated;
 grant execute on function planner_engine.broadcast(uuid, uuid, text, jsonb),
-  planner_engine.announce_queued(uuid[], integer[])
+  planner_engine.announce_queued(uuid[])
   to planner_engine, service_role;
 
 -- The UI's events are sent by the database (planner_engine.broadcast / announce_queued call
@@ -156,8 +155,10 @@ begin
     'planner_engine.write_logs(jsonb)',
     'planner_engine.pending_runs(integer)',
     'planner_engine.broadcast(uuid, uuid, text, jsonb)',
-    'planner_engine.announce_queued(uuid[], integer[])',
-    'planner_engine.refusal_counts()'
+    'planner_engine.announce_queued(uuid[])',
+    'planner_engine.refusal_counts()',
+    'planner_engine.listener_heartbeat(text, boolean)',
+    'planner_engine.queue_positions(integer)'
   ] loop
     check_name := 'execute ' || v_fn;
     severity := 'error';

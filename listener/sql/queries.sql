@@ -2,7 +2,8 @@
 -- (migrations/); these are thin calls to them, one per name.
 
 -- name: claim_run
--- Claim the given PENDING run (or nothing). Returns the run with its fresh lease, the only
+-- Claim the next PENDING run in the database's order ($2 NULL: the listener never chooses), or
+-- the given one when $2 is a run id; nothing when there is none. Returns the run with its fresh lease, the only
 -- time the lease is seen: the database keeps its digest.
 select id, organization_id, allocation_run_id, n_job_lines, attempts, max_attempts, lease,
        created_at, time_limit_s
@@ -33,6 +34,16 @@ select id, created_at from planner_engine.pending_runs($1::integer);
 -- transaction, docs/database.md).
 select reason, refusals from planner_engine.refusal_counts();
 
+-- name: listener_heartbeat
+-- This listener can take runs ($2 true: it is stopping). The sweeper's pending timeout applies
+-- only when no listener beat within it.
+select planner_engine.listener_heartbeat($1::text, $2::boolean);
+
+-- name: queue_positions
+-- Every PENDING run with the runs claim_run hands out before it and an estimated start: what
+-- the listener broadcasts as `position` (runs_ahead + 1).
+select id, runs_ahead, estimated_start from planner_engine.queue_positions($1::integer);
+
 -- name: ping
 select 1;
 
@@ -46,5 +57,6 @@ select check_name, ok, severity, detail from planner_engine.self_check($1::text)
 select planner_engine.broadcast($1::uuid, $2::uuid, $3::text, $4::jsonb);
 
 -- name: announce_queued
--- Queue positions of runs still PENDING (no lease before the claim); returns how many were sent.
-select planner_engine.announce_queued($1::uuid[], $2::integer[]);
+-- The queued status (the database's position and estimated start) of runs still PENDING (no
+-- lease before the claim); returns how many were sent.
+select planner_engine.announce_queued($1::uuid[]);

@@ -292,6 +292,9 @@ create index allocation_planner_runs_pending_idx
   on public.allocation_planner_runs (created_at, id) where status = 'PENDING';
 create index allocation_planner_runs_generating_idx
   on public.allocation_planner_runs (heartbeat_at) where status = 'GENERATING';
+-- The recent run durations behind a queued run's estimated start (estimated_start).
+create index allocation_planner_runs_finished_idx
+  on public.allocation_planner_runs (finished_at) where finished_at is not null;
 -- An organisation's runs by time (listings; the hourly limits count planner_private.usage_ledger,
 -- which deleting runs cannot shrink).
 create index allocation_planner_runs_org_created_idx
@@ -305,6 +308,26 @@ create table planner_private.released_leases (
   run_id uuid primary key references public.allocation_planner_runs (id) on delete cascade,
   lease uuid not null,
   released_at timestamptz not null
+);
+
+-- -- fair share and liveness (planner_engine.claim_run, planner_engine.listener_heartbeat) ----
+-- When each organisation last had a run claimed: claim_run serves the organisation claimed
+-- longest ago first (round robin), so N listeners agree on the order without talking to each
+-- other. One narrow row per organisation, written by claim_run only.
+create table planner_private.organization_claims (
+  organization_id uuid primary key references public.organizations (id) on delete cascade,
+  last_claimed_at timestamptz not null
+);
+
+-- One row per listener (its worker id), touched on the listener's heartbeat interval while it
+-- can claim runs. The sweeper fails a PENDING run by timeout only when no listener has beaten
+-- within the pending TTL: a run that waits because the listeners are busy with other
+-- organisations' runs is not failed. Kept apart from the runs table, so a liveness beat is a
+-- write of a few dozen bytes that no Realtime subscriber receives.
+create table planner_private.listener_heartbeats (
+  worker_id text primary key check (length(worker_id) between 1 and 200),
+  started_at timestamptz not null default now(),
+  beat_at timestamptz not null
 );
 
 -- -- the plan ------------------------------------------------------------------------------

@@ -73,6 +73,17 @@ create trigger remember_released_lease
 
 -- -- claim -----------------------------------------------------------------------------------
 -- Returns the claimed run with `lease` set to the token itself (the row stores its digest).
+--
+-- Without a run id it claims "the next run", and the database alone decides which: round
+-- robin across the organisations with PENDING runs, the organisation whose last claim is the
+-- oldest (never claimed: first) going first, and within it its oldest run. The last claim of
+-- each organisation is kept in planner_private.organization_claims, so every listener replica
+-- follows the same order, and a flood of one organisation's runs makes any other
+-- organisation's run wait for at most one of the flood's runs per listener (the one each
+-- listener took just before). Round robin rather than "least solver time used recently": it
+-- needs no accounting (that is the ledger's job, which refuses at insert) and its bound does
+-- not depend on how long runs take. With a run id it claims that run only if it is PENDING
+-- (an operator's or a test's explicit choice); the listener never passes one.
 create function planner_engine.claim_run(p_worker_id text, p_run_id uuid default null)
 returns setof public.allocation_planner_runs
 language plpgsql volatile security definer set search_path = ''
@@ -86,12 +97,14 @@ begin
   end if;
   loop
     -- SKIP LOCKED: concurrent claimers each get a different run (or none) without waiting.
-    select * into v
+    -- Concurrent claimers that pick the same organisation get its next runs, one each.
+    select r.* into v
       from public.allocation_planner_runs r
+      left join planner_private.organization_claims c on c.organization_id = r.organization_id
      where r.status = 'PENDING' and (p_run_id is null or r.id = p_run_id)
-     order by r.created_at, r.id
+     order by c.last_claimed_at nulls first, r.created_at, r.id
      limit 1
-       for update skip locked;
+       for update of r skip locked;
     if not found then
       return;
     end if;
@@ -126,6 +139,10 @@ begin
            error = null
      where r.id = v.id
     returning r.* into v;
+    -- clock_timestamp(): two claims in one transaction (a test's) still get distinct times.
+    insert into planner_private.organization_claims as oc (organization_id, last_claimed_at)
+    values (v.organization_id, clock_timestamp())
+    on conflict (organization_id) do update set last_claimed_at = excluded.last_claimed_at;
     v.lease := v_lease;
     return next v;
     return;
@@ -153,6 +170,113 @@ as $$
                   (select r.cancel_requested_at is not null
                      from public.allocation_planner_runs r where r.id = p_run_id),
                   false)
+$$;
+
+-- -- listener liveness --------------------------------------------------------------------------
+-- The listener calls this on its heartbeat interval while it is able to claim runs (its
+-- self-check passes and it is not draining), whether or not it is solving; p_stopping = true
+-- when it shuts down. The sweeper reads these rows: a PENDING run is failed by timeout only
+-- when no listener has beaten within the pending TTL. A narrow row of its own, never the runs
+-- table: nothing a tenant inserts makes this write bigger, and no Realtime subscriber gets it.
+create function planner_engine.listener_heartbeat(p_worker_id text, p_stopping boolean default false)
+returns void
+language plpgsql volatile security definer set search_path = ''
+as $$
+begin
+  if p_worker_id is null or length(btrim(p_worker_id)) = 0 or length(p_worker_id) > 200 then
+    raise exception using errcode = '22023',
+      message = 'listener_heartbeat needs a worker id of 1 to 200 characters';
+  end if;
+  if coalesce(p_stopping, false) then
+    delete from planner_private.listener_heartbeats where worker_id = p_worker_id;
+    return;
+  end if;
+  insert into planner_private.listener_heartbeats (worker_id, beat_at)
+  values (p_worker_id, now())
+  on conflict (worker_id) do update set beat_at = excluded.beat_at;
+end
+$$;
+
+-- -- queue positions ------------------------------------------------------------------------------
+-- How many runs claim_run will hand out before each PENDING run, replaying its round robin on
+-- the current state: organisations in claim order (last claim oldest first, never claimed
+-- first, ties by their oldest pending run), each giving one run per round. The k-th pending
+-- run of organisation O comes after its own k-1 older runs, after min(n, k) runs of every
+-- organisation ordered before O and min(n, k-1) of every one ordered after O (n = that
+-- organisation's pending runs). A snapshot: a run inserted by a never-claimed organisation
+-- later goes ahead of organisations already served, by design.
+create function planner_private.queue_positions()
+returns table (run_id uuid, organization_id uuid, runs_ahead integer)
+language sql stable set search_path = ''
+as $$
+  with p as (
+    select r.id, r.organization_id,
+           row_number() over (partition by r.organization_id order by r.created_at, r.id) as k
+      from public.allocation_planner_runs r
+     where r.status = 'PENDING'
+  ), o as (
+    select r.organization_id, count(*) as n, min(r.created_at) as oldest
+      from public.allocation_planner_runs r
+     where r.status = 'PENDING'
+     group by r.organization_id
+  ), ranked as (
+    select o.organization_id, o.n,
+           row_number() over (order by c.last_claimed_at nulls first, o.oldest,
+                              o.organization_id) as rank
+      from o
+      left join planner_private.organization_claims c on c.organization_id = o.organization_id
+  )
+  select p.id, p.organization_id,
+         ((p.k - 1) + coalesce((
+            select sum(least(x.n, case when x.rank < me.rank then p.k else p.k - 1 end))
+              from ranked x
+             where x.organization_id <> p.organization_id), 0))::integer
+    from p
+    join ranked me on me.organization_id = p.organization_id
+$$;
+
+-- When a run with p_runs_ahead runs before it should start: the live listeners (a beat within
+-- the stale-run TTL) as servers, the average claim-to-finish time of the last 50 runs
+-- finished in the past day (60 s when there is none) as the service time, and the runs being
+-- solved now as occupying their listeners. NULL when no listener is alive: then nobody can
+-- say. A rough figure for a progress line, built only from totals over every organisation.
+create function planner_private.estimated_start(p_runs_ahead integer)
+returns timestamptz
+language sql stable set search_path = ''
+as $$
+  with l as (
+    select count(*)::integer as live
+      from planner_private.listener_heartbeats h, planner_engine.settings s
+     where s.id and h.beat_at > now() - s.stale_run_ttl
+  ), d as (
+    select coalesce(avg(extract(epoch from x.finished_at - x.claimed_at)), 60) as avg_s
+      from (select r.finished_at, r.claimed_at
+              from public.allocation_planner_runs r
+             where r.finished_at > now() - interval '1 day' and r.claimed_at is not null
+               and r.status in ('COMPLETED', 'INFEASIBLE', 'FAILED', 'CANCELLED')
+             order by r.finished_at desc
+             limit 50) x
+  ), b as (
+    select count(*)::integer as busy
+      from public.allocation_planner_runs r where r.status = 'GENERATING'
+  )
+  select case when l.live = 0 then null
+              else now() + pg_catalog.make_interval(secs => d.avg_s * pg_catalog.ceil(
+                     greatest(p_runs_ahead + b.busy + 1 - l.live, 0)::numeric / l.live))
+         end
+    from l, d, b
+$$;
+
+-- The listener's queue announcements: every PENDING run's id, the runs ahead of it and its
+-- estimated start (ids it already sees through pending_runs; no organisation, no size).
+create function planner_engine.queue_positions(p_limit integer)
+returns table (id uuid, runs_ahead integer, estimated_start timestamptz)
+language sql stable security definer set search_path = ''
+as $$
+  select q.run_id, q.runs_ahead, planner_private.estimated_start(q.runs_ahead)
+    from planner_private.queue_positions() q
+   order by q.runs_ahead, q.run_id
+   limit least(greatest(coalesce(p_limit, 0), 0), 1000)
 $$;
 
 -- -- the problem -----------------------------------------------------------------------------
@@ -433,8 +557,10 @@ begin
     'planner_engine.write_logs(jsonb)',
     'planner_engine.pending_runs(integer)',
     'planner_engine.broadcast(uuid, uuid, text, jsonb)',
-    'planner_engine.announce_queued(uuid[], integer[])',
-    'planner_engine.refusal_counts()'
+    'planner_engine.announce_queued(uuid[])',
+    'planner_engine.refusal_counts()',
+    'planner_engine.listener_heartbeat(text, boolean)',
+    'planner_engine.queue_positions(integer)'
   ] loop
     check_name := 'execute ' || v_fn;
     severity := 'error';
@@ -539,25 +665,34 @@ begin
 
   -- PENDING runs nobody claimed. A re-queued run waits since its last heartbeat, not since
   -- it was created, so a run re-queued late is not failed straight away.
+  -- Only while no listener is alive (no listener heartbeat within the pending TTL): a run
+  -- that waits because live listeners are busy with other organisations' runs keeps waiting
+  -- for its turn in claim_run's round robin instead of failing unsolved.
   with failed as (
     update public.allocation_planner_runs r
        set status = 'FAILED', finished_at = now(),
-           error = format('no planner picked this run up within %s', p_pending_ttl)
+           error = format('no planner picked this run up within %s, and no listener was '
+                          'alive during that time', p_pending_ttl)
      where r.status = 'PENDING'
        and greatest(r.created_at, r.heartbeat_at) < now() - p_pending_ttl
+       and not exists (select 1 from planner_private.listener_heartbeats h
+                        where h.beat_at >= now() - p_pending_ttl)
     returning r.id, r.organization_id, r.created_at, r.heartbeat_at
   )
   insert into public.planner_execution_logs
     (planner_run_id, organization_id, level, message, context)
   select f.id, f.organization_id, 'ERROR',
-         format('Timeout: no planner picked this run up within %s (queued since %s, last '
-                'heartbeat %s); run failed', p_pending_ttl,
+         format('Timeout: no planner picked this run up within %s and no listener was alive '
+                '(queued since %s, last heartbeat %s); run failed', p_pending_ttl,
                 greatest(f.created_at, f.heartbeat_at), coalesce(f.heartbeat_at::text, 'never')),
          jsonb_build_object('event', 'sweep_pending', 'new_status', 'FAILED',
                             'created_at', f.created_at, 'last_heartbeat_at', f.heartbeat_at,
                             'pending_ttl_seconds', extract(epoch from p_pending_ttl))
     from failed f;
   get diagnostics n_pending = row_count;
+
+  -- Listeners gone for a day are forgotten (each beat re-creates its row).
+  delete from planner_private.listener_heartbeats h where h.beat_at < now() - interval '1 day';
 
   return n_stale + n_pending;
 end
@@ -624,14 +759,14 @@ begin
 end
 $$;
 
--- announce_queued: the `status` event of runs still waiting in a listener's queue, with their
--- place in it (1 = next). No lease exists before the claim, so this one is not fenced: it
--- sends only this fixed shape (listener.events.StatusEvent with status PENDING, phase
--- queued), only for runs that are PENDING now, and skips the others (a run claimed meanwhile
--- by another worker). Positions are the caller's, 1 to 10000. Returns how many were sent.
--- A stolen engine credential can thus show wrong queue positions for waiting runs; nothing
--- else.
-create function planner_engine.announce_queued(p_run_ids uuid[], p_positions integer[])
+-- announce_queued: the `status` event of PENDING runs with their place in the database's
+-- queue (planner_private.queue_positions: the order claim_run follows, 1 = next) and the
+-- estimated start. No lease exists before the claim, so this one is not fenced; the caller
+-- names runs only, and the database computes what is sent: one fixed shape
+-- (listener.events.StatusEvent with status PENDING, phase queued), only for runs that are
+-- PENDING now (the others are skipped). Returns how many were sent. A stolen engine
+-- credential can thus repeat a true queue position to a run's watchers; nothing else.
+create function planner_engine.announce_queued(p_run_ids uuid[])
 returns integer
 language plpgsql volatile security definer set search_path = ''
 as $$
@@ -639,20 +774,19 @@ declare
   n integer := 0;
   v record;
 begin
-  if p_run_ids is null or p_positions is null
-     or cardinality(p_run_ids) <> cardinality(p_positions) or cardinality(p_run_ids) > 1000
-     or exists (select 1 from unnest(p_positions) p where p is null or p < 1 or p > 10000) then
+  if p_run_ids is null or cardinality(p_run_ids) > 1000 then
     raise exception using errcode = '22023',
-      message = 'announce_queued: one position (1 to 10000) per run id, at most 1000 runs';
+      message = 'announce_queued: an array of at most 1000 run ids';
   end if;
   for v in
-    select q.run_id, q.pos
-      from unnest(p_run_ids, p_positions) as q(run_id, pos)
-      join public.allocation_planner_runs r on r.id = q.run_id and r.status = 'PENDING'
+    select q.run_id, q.runs_ahead
+      from planner_private.queue_positions() q
+     where q.run_id = any (p_run_ids)
   loop
     perform realtime.send(
       jsonb_build_object('version', 1, 'run_id', v.run_id, 'status', 'PENDING',
-                         'phase', 'queued', 'position', v.pos),
+                         'phase', 'queued', 'position', v.runs_ahead + 1,
+                         'estimated_start', planner_private.estimated_start(v.runs_ahead)),
       'status', 'planner_run:' || v.run_id::text, true);
     n := n + 1;
   end loop;
@@ -697,6 +831,43 @@ begin
                         else 'Cancellation requested by user' end,
           jsonb_build_object('event', 'cancel_requested', 'by', auth.uid(),
                              'status_at_request', r.status));
+end
+$$;
+
+-- What the UI shows while a run waits: the runs claim_run will hand out before it and an
+-- estimated start (planner_private.queue_positions, planner_private.estimated_start). For
+-- members (any role) of the run's organisation; anyone else gets the one message for "no
+-- such run" and "not yours". Only totals come back: never another organisation's ids, names
+-- or sizes. A GENERATING run has 0 ahead and its claim time as start; a finished one NULLs.
+create function public.planner_run_queue_position(p_run_id uuid)
+returns table (status text, runs_ahead integer, estimated_start timestamptz,
+               live_listeners integer)
+language plpgsql stable security definer set search_path = ''
+as $$
+declare
+  r public.allocation_planner_runs;
+begin
+  select * into r from public.allocation_planner_runs where id = p_run_id;
+  if not found or not (planner_private.is_member(r.organization_id)
+                       or planner_private.caller_is_privileged()) then
+    raise exception using errcode = 'PL012',
+      message = format('planner run %s not found, or you are not a member of its organisation',
+                       p_run_id),
+      hint = 'members of the run''s organisation can follow its place in the queue';
+  end if;
+  status := r.status;
+  select count(*)::integer into live_listeners
+    from planner_private.listener_heartbeats h, planner_engine.settings s
+   where s.id and h.beat_at > now() - s.stale_run_ttl;
+  if r.status = 'PENDING' then
+    select q.runs_ahead into runs_ahead from planner_private.queue_positions() q
+     where q.run_id = r.id;
+    estimated_start := planner_private.estimated_start(runs_ahead);
+  elsif r.status = 'GENERATING' then
+    runs_ahead := 0;
+    estimated_start := r.claimed_at;
+  end if;
+  return next;
 end
 $$;
 

@@ -32,6 +32,8 @@ revoke all on public.organizations, public.organization_members,
 revoke all on all tables in schema planner_engine from public;
 revoke all on all tables in schema planner_private from public;
 revoke all on planner_private.released_leases from public, anon, authenticated, planner_engine;
+revoke all on planner_private.organization_claims, planner_private.listener_heartbeats
+  from public, anon, authenticated, planner_engine;
 
 grant select on public.organizations, public.planner_rule_sets, public.job_lines,
   public.job_lines_history, public.planner_execution_logs
@@ -76,10 +78,12 @@ grant execute on function
   planner_engine.finish_run(uuid, uuid, text, text, jsonb),
   planner_engine.write_logs(jsonb),
   planner_engine.pending_runs(integer),
+  planner_engine.listener_heartbeat(text, boolean),
+  planner_engine.queue_positions(integer),
   planner_engine.sweep_stale_runs(),
   planner_engine.self_check(text),
   planner_engine.broadcast(uuid, uuid, text, jsonb),
-  planner_engine.announce_queued(uuid[], integer[]),
+  planner_engine.announce_queued(uuid[]),
   planner_engine.refusal_counts()
   to planner_engine, service_role;
 grant usage on schema planner_engine to service_role;
@@ -113,6 +117,9 @@ alter default privileges in schema public revoke all on functions from anon, aut
 
 grant execute on function public.request_cancel(uuid), public.restore_job_lines(uuid)
   to authenticated, service_role;
+-- The queue position of a run: members of its organisation (the function checks), the UI.
+revoke all on function public.planner_run_queue_position(uuid) from public, anon;
+grant execute on function public.planner_run_queue_position(uuid) to authenticated, service_role;
 
 -- -- row-level security -------------------------------------------------------------------------
 alter table planner_engine.settings enable row level security;  -- no policy: owner only

@@ -31,6 +31,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import json
 import os
 import random
@@ -77,6 +79,12 @@ HEARTBEAT_S = 1.0
 DEFAULT_CRON_COMMAND = "select planner_engine.sweep_stale_runs()"
 CRON_JOB = "planner-sweep-stale-runs"
 QUICK_REPS = 2
+#: Teams of the giant problem (s8) with max_job_lines lines: the full campaign. The quick
+#: version (CI) exercises the same path on a problem the solver child builds in seconds.
+GIANT_TEAMS = 40_000
+GIANT_TEAMS_QUICK = 1_000
+GIANT_LINES_QUICK = 30
+FLOOD_PENDING_TTL_S = 4.0  # s9's pending TTL (production: 30 minutes)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -890,6 +898,152 @@ async def s7_slow_db(c: Campaign, r: Run, reps: int) -> None:
                     expect_all="COMPLETED")
 
 
+async def beats(dsn: str, sql: str, arg: str, stop: asyncio.Event) -> list[Any]:
+    """The distinct values `sql` ($1 = arg) returns, sampled every 50 ms until `stop`: the
+    timestamps of successive heartbeats (also used by bench/flood_bench.py)."""
+    seen: list[Any] = []
+    conn = await _connect(dsn)
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(asyncpg.PostgresError):
+                v = await conn.fetchval(sql, arg)
+                if v is not None and (not seen or v != seen[-1]):
+                    seen.append(v)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+    finally:
+        await conn.close()
+    return seen
+
+
+def longest_gap(stamps: list[Any]) -> float:
+    return max((float((b - a).total_seconds()) for a, b in itertools.pairwise(stamps)),
+               default=0.0)
+
+
+async def seed_giant(conn: asyncpg.Connection, settings: DevSettings,
+                     teams: int, lines: int | None = None) -> SeededOrganization:
+    """An organisation whose one allocation run has `teams` teams with demand in all of its
+    terms (built set-based: seeding them one by one would take minutes), requesting `lines`
+    job lines, by default the most the database admits (planner_engine.settings.max_job_lines).
+    Also used by bench/flood_bench.py."""
+    org = await seed_organization(conn, settings, f"Giant {teams}", instance_seed=77,
+                                  **SMALL)  # type: ignore[arg-type]
+    await conn.execute(
+        "insert into teams (organization_id, name, specialty, subspecialty, kind, experiences,"
+        " site, rural, tags)"
+        " select $1, 'giant team ' || g, 'medicine', 'sub ' || (g % 50), 'clinical',"
+        " array['A'], 'MMC', false, '{}' from generate_series(1, $2) g", org.id, teams)
+    await conn.execute(
+        "insert into team_demand (organization_id, allocation_run_id, team_id, term_id,"
+        " min_lines, max_lines)"
+        " select $1, $2, tm.id, t.id, 0, 1 from teams tm join terms t"
+        " on t.allocation_run_id = $2 where tm.organization_id = $1 and tm.name like 'giant%'",
+        org.id, org.allocation_run_id)
+    await _baseline_plan(conn, org.id, org.allocation_run_id, org.suggested_n_job_lines)
+    if lines is None:
+        lines = int(await conn.fetchval("select max_job_lines from planner_engine.settings"))
+    return dataclasses.replace(org, suggested_n_job_lines=lines)
+
+
+async def s8_giant_problem(c: Campaign, r: Run, reps: int) -> None:
+    """A tenant inserts the largest problem admitted (max_job_lines lines over GIANT_TEAMS
+    teams; a smaller one in the quick version): the listener's heartbeats,
+    its own (planner_engine.listener_heartbeat) and the run's, keep their interval (at most
+    1.5 x the interval between two beats) while it loads, validates and hands the problem to
+    the solver child, whatever becomes of the run (the child may die of its memory cap)."""
+    full = reps > QUICK_REPS
+    teams = GIANT_TEAMS if full else GIANT_TEAMS_QUICK
+    giant = await seed_giant(c.db, c.settings, teams, None if full else GIANT_LINES_QUICK)
+    slot = Slot(giant, giant.allocation_run_id)
+    lst = r.listener("G")
+    await lst.wait_ready()
+    stop = asyncio.Event()
+    listener_beats = asyncio.create_task(beats(
+        c.dsn, "select beat_at from planner_private.listener_heartbeats where worker_id = $1",
+        lst.worker_id, stop))
+    run_gaps: list[float] = []
+    outcomes: list[str] = []
+    try:
+        for _ in range(max(1, reps // 2)):
+            rid = await r.insert({"time_limit_seconds": 2}, slot=slot)
+            run_stop = asyncio.Event()
+            run_beats = asyncio.create_task(beats(
+                c.dsn, "select heartbeat_at from allocation_planner_runs where id = $1::uuid"
+                   " and status = 'GENERATING'", rid, run_stop))
+            row = await r.wait_status(rid, TERMINAL, timeout_s=180)
+            run_stop.set()
+            run_gaps.append(longest_gap(await run_beats))
+            outcomes.append(f"{row['status']} ({(row['error'] or '')[:60]})")
+    finally:
+        stop.set()
+        listener_gap = longest_gap(await listener_beats)
+    bound = 1.5 * HEARTBEAT_S
+    r.r.notes.append(
+        f"{len(outcomes)} run(s) of {slot.org.suggested_n_job_lines} lines x {teams} teams:"
+        f" {outcomes}; longest gap between listener heartbeats {listener_gap:.2f} s, between"
+        f" the run's heartbeats {max(run_gaps, default=0.0):.2f} s (interval {HEARTBEAT_S:.0f} s,"
+        f" bound {bound:.1f} s)")
+    if listener_gap > bound or max(run_gaps, default=0.0) > bound:
+        r.r.violations.append(f"a heartbeat gap exceeded {bound:.1f} s")
+    await r.account(ttl_s=SWEEP_TTL_S, sweep_period_s=SWEEP_PERIOD_S)
+
+
+async def s9_tenant_flood(c: Campaign, r: Run, reps: int) -> None:
+    """One organisation floods (a run on every one of its allocation runs at once); a moment
+    later another inserts one run. The database's round robin claims the polite run within
+    one flood run per listener, and a pending TTL (FLOOD_PENDING_TTL_S) shorter than the
+    flood's last run waits does not fail a run while a listener is alive (it must exceed the
+    listener's heartbeat interval, with room for a loaded machine). Fails on the oldest-first
+    queue it replaced."""
+    n_listeners = 1
+    for n in range(n_listeners):
+        await r.listener(f"F{n}").wait_ready()
+    by_org: dict[str, list[Slot]] = {}
+    for s in c.small:
+        by_org.setdefault(s.org.id, []).append(s)
+    orgs = list(by_org)
+    stop = asyncio.Event()
+
+    async def pending_sweeper() -> None:  # the campaign's loop uses the default pending TTL
+        while not stop.is_set():
+            with contextlib.suppress(Exception):
+                await r._bounded("select planner_private.sweep_stale_runs($1::text::interval,"
+                                 " $2::text::interval)", f"{SWEEP_TTL_S} seconds",
+                                 f"{FLOOD_PENDING_TTL_S} seconds")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    sweeper = asyncio.create_task(pending_sweeper())
+    worst = 0
+    # The quick version (CI): one flood of three runs; the full one: reps floods of five.
+    floods, size = (reps, ARS_PER_ORG) if reps > QUICK_REPS else (1, 3)
+    try:
+        for i in range(floods):
+            flooder, polite = orgs[(2 * i) % len(orgs)], orgs[(2 * i + 1) % len(orgs)]
+            flood = [await r.insert({"time_limit_seconds": 1}, slot=s)
+                     for s in by_org[flooder][:size]]
+            await r.wait_status(flood[0], {"GENERATING", *TERMINAL})
+            mine = await r.insert({"time_limit_seconds": 1}, slot=by_org[polite][0])
+            await r.wait_status(mine, {"GENERATING", *TERMINAL})
+            ahead = await c.q().fetchval(
+                "select count(*) from allocation_planner_runs f, allocation_planner_runs m"
+                " where m.id = $1 and f.id = any($2::uuid[])"
+                " and f.claimed_at > m.created_at and f.claimed_at < m.claimed_at",
+                mine, flood)
+            worst = max(worst, int(ahead))
+            await r.settle(timeout_s=120)
+    finally:
+        stop.set()
+        await sweeper
+    r.r.notes.append(f"{floods} flood(s) of {size} runs; worst number of flood runs"
+                     f" claimed ahead of the polite run: {worst} ({n_listeners} listener(s));"
+                     f" pending TTL {FLOOD_PENDING_TTL_S:.0f} s")
+    if worst > n_listeners:
+        r.r.violations.append(f"{worst} flood runs claimed ahead of the polite run")
+    await r.account(ttl_s=SWEEP_TTL_S, sweep_period_s=SWEEP_PERIOD_S, expect_all="COMPLETED")
+
+
 SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     # key: (title, function, campaign sweeper loop on)
     "s1": ("kill -9 mid-solve + restart (pg_cron sweeper)", s1_kill9, False),
@@ -899,7 +1053,13 @@ SCENARIOS: dict[str, tuple[str, Scenario, bool]] = {
     "s5": ("3 listeners, burst from 20 organisations", s5_burst, True),
     "s6": ("solver child: memory cap / SIGSEGV / SIGKILL", s6_solver_child, True),
     "s7": ("slow DB: commit longer than the TTL", s7_slow_db, False),
+    "s8": ("giant problem: heartbeats keep their interval", s8_giant_problem, True),
+    "s9": ("tenant flood: polite run within one run per listener", s9_tenant_flood, True),
 }
+#: Left out of the short campaign in `make test` (tests/chaos/test_campaign_quick.py), whose
+#: wall time the whole suite shares: s8 costs ~25 s for a figure `bench/flood_bench.py`
+#: measures on the real giant problem (docs/reliability.md). `--quick --only s8` still runs it.
+QUICK_SKIP = frozenset({"s8"})
 
 
 async def run_campaign(reps: int, only: list[str] | None = None, seed: int = 7,

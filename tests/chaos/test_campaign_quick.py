@@ -1,4 +1,5 @@
-"""The fault campaign's short version, in `make test`: every scenario, QUICK_REPS repetitions,
+"""The fault campaign's short version, in `make test`: every scenario but QUICK_SKIP (s8, the
+giant problem: its figure comes from bench/flood_bench.py), QUICK_REPS repetitions,
 on a throw-away stack of its own (it restarts PostgreSQL; the developer stack is not touched).
 
 Scenario 1 is driven by pg_cron only (one-minute ticks, 5 s TTL), so this file also proves
@@ -14,7 +15,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.chaos.campaign import QUICK_REPS, SCENARIOS, Campaign, ChaosStack, Result
+from tests.chaos.campaign import (
+    QUICK_REPS,
+    QUICK_SKIP,
+    SCENARIOS,
+    Campaign,
+    ChaosStack,
+    Result,
+)
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.stack]
 
@@ -32,7 +40,7 @@ async def campaign() -> AsyncIterator[Campaign]:
         await asyncio.to_thread(chaos.down)
 
 
-@pytest.mark.parametrize("key", list(SCENARIOS))
+@pytest.mark.parametrize("key", [k for k in SCENARIOS if k not in QUICK_SKIP])
 async def test_scenario_loses_nothing(campaign: Campaign, key: str) -> None:
     res: Result = await campaign.run(key, QUICK_REPS)
     print(res.row(), "\n", "; ".join(res.notes))

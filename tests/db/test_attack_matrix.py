@@ -91,6 +91,12 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
                               "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
     "planner_private.usage_ledger": {"select": (D, D, D, D, D), "insert": (D, D, D, D, D),
                                      "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    "planner_private.organization_claims": {
+        "select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+        "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
+    "planner_private.listener_heartbeats": {
+        "select": (D, D, D, D, D), "insert": (D, D, D, D, D),
+        "update": (D, D, D, D, D), "delete": (D, D, D, D, D)},
 }
 
 #: function call (with A's objects) -> (anon, viewer_B, planner_B, admin_B, engine)
@@ -99,6 +105,7 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "public.restore_job_lines(A's snapshot)": (D, "PL012", "PL012", "PL012", D),
     "public.invite_member(A's org)": (D, "PL031", "PL031", "PL031", D),
     "public.accept_invitation(A's invitation)": (D, "PL032", "PL032", "PL032", D),
+    "public.planner_run_queue_position(A's pending run)": (D, "PL012", "PL012", "PL012", D),
     "planner_engine.claim_run(A's pending run)": (D, D, D, D, "ok"),
     "planner_engine.heartbeat(A's run, forged lease)": (D, D, D, D, "ok"),
     "planner_engine.load_problem(A's run, forged lease)": (D, D, D, D, "PL001"),
@@ -112,6 +119,8 @@ EXPECTED_RPC: dict[str, tuple[str, ...]] = {
     "planner_engine.write_logs([A's run, forged lease, back-dated CRITICAL])":
         (D, D, D, D, "ok"),
     "planner_engine.pending_runs(10)": (D, D, D, D, "ok"),
+    "planner_engine.queue_positions(10)": (D, D, D, D, "ok"),
+    "planner_engine.listener_heartbeat('evil')": (D, D, D, D, "ok"),
     "planner_engine.sweep_stale_runs()": (D, D, D, D, "ok"),
     "planner_private.sweep_stale_runs('0 seconds', '0 seconds')": (D, D, D, D, D),
     "planner_engine.self_check()": (D, D, D, D, "ok"),
@@ -135,6 +144,13 @@ RPC_NOTES = {
     "planner_engine.pending_runs(10)":
         "ids and creation times of PENDING runs, what the catch-up scan needs to claim them; "
         "no other column, no write",
+    "planner_engine.queue_positions(10)":
+        "the ids pending_runs already gives, each with the number of runs ahead of it and an "
+        "estimated start: no organisation, no size, no write",
+    "planner_engine.listener_heartbeat('evil')":
+        "records that a listener named so is alive (planner_private.listener_heartbeats, "
+        "nobody else reads it): at worst PENDING runs keep waiting for a claim instead of "
+        "failing by timeout; it touches no run and no tenant row",
     "planner_engine.sweep_stale_runs()":
         "the engine may run the sweeper; it passes no timeouts, those of "
         "planner_engine.settings apply, so it only touches runs past them",
@@ -143,8 +159,9 @@ RPC_NOTES = {
         "writes nothing",
     "planner_engine.announce_queued([A's pending run, A's generating run])":
         "no lease exists before the claim: it sends one fixed message, status PENDING / phase "
-        "queued with the given position, on the topic of each run that is PENDING now (the "
-        "GENERATING run is skipped); a thief can show wrong queue positions, nothing else. "
+        "queued with the position and estimated start the database computes, on the topic of "
+        "each run that is PENDING now (the GENERATING run is skipped); a thief can only repeat "
+        "a true queue position to the run's watchers. "
         "It writes no table of a tenant (one realtime.messages row per message)",
     "planner_engine.refusal_counts()":
         "refusal counts by reason over all organisations, for /metrics: no organisation, run "
@@ -177,7 +194,14 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "public.planner_execution_logs_id_seq": ("", "", ""),
     "planner_engine.settings": ("", "", ""),
     "planner_private.released_leases": ("", "", ""),
+    "planner_private.organization_claims": ("", "", ""),
+    "planner_private.listener_heartbeats": ("", "", ""),
     "public.request_cancel(uuid)": ("", "execute", ""),
+    "public.planner_run_queue_position(uuid)": ("", "execute", ""),
+    "planner_engine.listener_heartbeat(text,boolean)": ("", "", "execute"),
+    "planner_engine.queue_positions(integer)": ("", "", "execute"),
+    "planner_private.queue_positions()": ("", "", ""),
+    "planner_private.estimated_start(integer)": ("", "", ""),
     "public.restore_job_lines(uuid)": ("", "execute", ""),
     "public.invite_member(uuid,text,text)": ("", "execute", ""),
     "public.accept_invitation(uuid)": ("", "execute", ""),
@@ -191,7 +215,7 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_engine.sweep_stale_runs()": ("", "", "execute"),
     "planner_engine.self_check(text)": ("", "", "execute"),
     "planner_engine.broadcast(uuid,uuid,text,jsonb)": ("", "", "execute"),
-    "planner_engine.announce_queued(uuid[],integer[])": ("", "", "execute"),
+    "planner_engine.announce_queued(uuid[])": ("", "", "execute"),
     "planner_engine.refusal_counts()": ("", "", "execute"),
     "planner_private.has_role(uuid,text[])": ("", "execute", ""),
     "planner_private.is_member(uuid)": ("", "execute", ""),
@@ -437,6 +461,7 @@ async def fx(su: asyncpg.Connection, world: World) -> Fixture:
     b_run = await insert_run(su, b.id, b.allocation_run_id)
     cb = await claim(su, b_run)
     assert cb is not None
+    await su.execute("select planner_engine.listener_heartbeat('matrix-fixture')")
     invitation = await su.fetchval(
         "select public.invite_member($1, 'invitee@example.test', 'viewer')::text", a.id)
     column = str(await su.fetchval("select lease from allocation_planner_runs where id = $1", gen))
@@ -448,7 +473,8 @@ def _a_filter(table: str) -> str:
     if table == "organizations":
         return "id = $1"
     if table in ("planner_rule_sets", "planner_engine.settings",
-                 "planner_private.released_leases", "planner_engine.limits"):
+                 "planner_private.released_leases", "planner_engine.limits",
+                 "planner_private.listener_heartbeats"):
         return "$1::uuid is not null"
     return "organization_id = $1"
 
@@ -499,6 +525,11 @@ def _insert_sql(table: str, f: Fixture) -> tuple[str, list[Any]]:
         "planner_private.usage_ledger": (
             "insert into planner_private.usage_ledger (organization_id, kind, allocation_run_id,"
             " settled_at) values ($1, 'restore', $2, now())", [a.id, ar]),
+        "planner_private.organization_claims": (
+            "insert into planner_private.organization_claims values ($1, now())", [b.id]),
+        "planner_private.listener_heartbeats": (
+            "insert into planner_private.listener_heartbeats (worker_id, beat_at)"
+            " values ('evil', now())", []),
     }[table]
 
 
@@ -509,7 +540,9 @@ _SET = {"organizations": "name = name", "organization_members": "role = role",
         "planner_engine.settings": "max_attempts = max_attempts",
         "planner_private.released_leases": "released_at = released_at",
         "planner_engine.limits": "runs_per_hour = runs_per_hour",
-        "planner_private.usage_ledger": "used_s = used_s"}
+        "planner_private.usage_ledger": "used_s = used_s",
+        "planner_private.organization_claims": "last_claimed_at = last_claimed_at",
+        "planner_private.listener_heartbeats": "beat_at = beat_at"}
 
 
 async def _as_actor(
@@ -595,6 +628,9 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
                                a.id)
         elif name.startswith("public.accept_invitation"):
             await conn.execute("select public.accept_invitation($1)", f.invitation)
+        elif name.startswith("public.planner_run_queue_position"):
+            await conn.fetch("select * from public.planner_run_queue_position($1)",
+                             f.pending_run)
         elif name.startswith("planner_engine.claim_run"):
             rows = await conn.fetch("select * from planner_engine.claim_run('evil', $1)",
                                     f.pending_run)
@@ -638,6 +674,13 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
             rows = await conn.fetch("select * from planner_engine.pending_runs(10)")
             assert [sorted(r.keys()) for r in rows] == [["created_at", "id"]] * len(rows)
             assert f.pending_run in {str(r["id"]) for r in rows}
+        elif name.startswith("planner_engine.queue_positions"):
+            rows = await conn.fetch("select * from planner_engine.queue_positions(10)")
+            assert [sorted(r.keys()) for r in rows] == (
+                [["estimated_start", "id", "runs_ahead"]] * len(rows))
+            assert f.pending_run in {str(r["id"]) for r in rows}
+        elif name.startswith("planner_engine.listener_heartbeat"):
+            await conn.execute("select planner_engine.listener_heartbeat('evil')")
         elif name.startswith("planner_engine.sweep_stale_runs"):
             await conn.fetchval("select planner_engine.sweep_stale_runs()")
         elif name.startswith("planner_private.sweep_stale_runs"):
@@ -651,7 +694,7 @@ def _rpc(name: str, f: Fixture) -> Callable[[asyncpg.Connection], Awaitable[str]
                                f.gen_run, f.gen_lease_column)
         elif name.startswith("planner_engine.announce_queued"):
             n = await conn.fetchval(
-                "select planner_engine.announce_queued($1::uuid[], array[1, 2])",
+                "select planner_engine.announce_queued($1::uuid[])",
                 [f.pending_run, f.gen_run])
             assert n == 1
         elif name.startswith("planner_engine.refusal_counts"):

@@ -660,7 +660,7 @@ async def test_engine_functions_are_security_definer_with_empty_search_path(
     assert {r["proname"] for r in rows} == {
         "claim_run", "heartbeat", "load_problem", "commit_plan", "finish_run", "pending_runs",
         "write_logs", "sweep_stale_runs", "self_check", "broadcast", "announce_queued",
-        "refusal_counts"}
+        "refusal_counts", "listener_heartbeat", "queue_positions"}
     for r in rows:
         assert r["prosecdef"] and r["proconfig"] == ['search_path=""'], r["proname"]
         assert not r["auth_x"] and not r["anon_x"] and r["engine_x"] and r["service_x"]

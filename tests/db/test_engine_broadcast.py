@@ -2,7 +2,8 @@
 
 `planner_engine.broadcast` writes one message on `planner_run:<id>` through `realtime.send`,
 fenced on the lease like `write_logs` (the current lease, or the last one during the log
-grace); `planner_engine.announce_queued` sends the fixed queued status of PENDING runs. Here,
+grace); `planner_engine.announce_queued` sends the queued status of PENDING runs (position and
+estimated start computed by the database). Here,
 at the database: which rows land in `realtime.messages` (what Realtime streams out), as the
 listener's own role. tests/realtime/test_db_broadcast.py shows the rows reach the clients.
 """
@@ -74,21 +75,29 @@ async def test_announce_queued_only_for_pending_runs(
     pending = await insert_run(su, world.a.id, ar)
     held = await insert_run(su, world.b.id, ar2)
     assert await claim(engine, held) is not None
-    n = await engine.fetchval("select planner_engine.announce_queued($1::uuid[], $2)",
-                              [pending, held, str(uuid.uuid4())], [3, 1, 2])
+    # a listener beats, so the database can estimate a start time
+    await engine.execute("select planner_engine.listener_heartbeat('announcer', false)")
+    n = await engine.fetchval("select planner_engine.announce_queued($1::uuid[])",
+                              [pending, held, str(uuid.uuid4())])
     assert n == 1
     assert await messages(su, held) == []
     [m] = await messages(su, pending)
+    expected = await engine.fetchrow(
+        "select runs_ahead, estimated_start from planner_engine.queue_positions(1000)"
+        " where id = $1", pending)
     body = json.loads(m["payload"])
     body.pop("id")  # the message id realtime.send adds
-    # exactly the listener's StatusEvent (listener/events.py): the UI's contract, in SQL too
-    assert (m["event"], body) == ("status", StatusEvent(
-        run_id=uuid.UUID(pending), status=RunStatus.PENDING, phase=Phase.QUEUED,
-        position=3).payload())
-    for ids, places in (([pending], [0]), ([pending], [1, 2]), ([pending], [None])):
-        async with expect_sqlstate("22023"):
-            await engine.fetchval("select planner_engine.announce_queued($1::uuid[], $2)",
-                                  ids, places)
+    # exactly the listener's StatusEvent (listener/events.py): the UI's contract, in SQL too,
+    # with the position and estimated start the database computed (not the caller's)
+    event = StatusEvent.model_validate(body)
+    assert m["event"] == "status" and body == event.payload()
+    assert (event.status, event.phase, event.position) == (
+        RunStatus.PENDING, Phase.QUEUED, expected["runs_ahead"] + 1)
+    assert event.estimated_start is not None and expected["estimated_start"] is not None
+    assert abs((event.estimated_start - expected["estimated_start"]).total_seconds()) < 60
+    async with expect_sqlstate("22023"):
+        await engine.fetchval("select planner_engine.announce_queued($1::uuid[])",
+                              [str(uuid.uuid4())] * 1001)
 
 
 async def test_only_the_engine_and_service_role_may_broadcast(
@@ -100,7 +109,7 @@ async def test_only_the_engine_and_service_role_may_broadcast(
     run = await insert_run(su, world.a.id, ar)
     for role, sub in (("anon", None), ("authenticated", world.a.admin)):
         for sql in ("select planner_engine.broadcast($1, gen_random_uuid(), 'done', '{}')",
-                    "select planner_engine.announce_queued(array[$1::uuid], array[1])"):
+                    "select planner_engine.announce_queued(array[$1::uuid])"):
             async with expect_sqlstate("42501"), acting_as(pg, role, sub=sub) as c:
                 await c.execute(sql, run)
     # users cannot write on a run's topic with realtime.send either (no INSERT policy)

@@ -249,17 +249,17 @@ async def test_a_broadcast_the_database_refuses_is_reported(
     reports) until a broadcast succeeds again."""
     import uuid
 
-    fn = "planner_engine.announce_queued(uuid[], integer[])"
+    fn = "planner_engine.announce_queued(uuid[])"
     engine = await EngineDB.connect(engine_url, max_size=1)
     bc = DbBroadcaster(engine)
     try:
         await db.execute(f"revoke execute on function {fn} from planner_engine")
         try:
-            assert await bc.announce_queued({uuid.uuid4(): 1}) is False
+            assert await bc.announce_queued([uuid.uuid4()]) is False
             assert bc.failure is not None and bc.failure.startswith("42501"), bc.failure
         finally:
             await db.execute(f"grant execute on function {fn} to planner_engine")
-        assert await bc.announce_queued({uuid.uuid4(): 1}) is True  # no such run: 0 sent
+        assert await bc.announce_queued([uuid.uuid4()]) is True  # no such run: 0 sent
         assert bc.failure is None
     finally:
         await engine.close()

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,16 +166,28 @@ async def test_ten_organisations_at_once_are_solved_one_at_a_time(
 ):
     listener = listeners("L1")
     await listener.wait_ready()
+    # Organisations served by earlier tests wait for those never served (round robin).
+    served = {r[0]: r[1] for r in await db.fetch(
+        "select organization_id, last_claimed_at from planner_private.organization_claims")}
     runs = [await start_run(db, org) for org in orgs[:10]]  # ten inserts within ~50 ms
     rows = await wait_all(db, runs, timeout_s=120)
     assert [r["status"] for r in rows] == ["COMPLETED"] * 10
     spans = sorted((r["claimed_at"], r["finished_at"]) for r in rows)
     for (_, end), (start, _) in itertools.pairwise(spans):
         assert start >= end, "two solves overlapped inside one listener"
-    # Oldest first: claims follow insertion order.
-    by_created = [r["id"] for r in sorted(rows, key=lambda r: (r["created_at"], r["id"]))]
-    by_claimed = [r["id"] for r in sorted(rows, key=lambda r: r["claimed_at"])]
-    assert by_created == by_claimed
+    # The database's order, not the events': at each claim, no run that had been waiting a
+    # while (0.2 s: visible for sure) had a better place in the round robin (its organisation
+    # served less recently, or never; then the older run).
+    never = datetime.min.replace(tzinfo=UTC)
+
+    def place(r: asyncpg.Record) -> tuple[datetime, datetime, str]:
+        return served.get(r["organization_id"], never), r["created_at"], str(r["id"])
+
+    for claimed in rows:
+        t = claimed["claimed_at"]
+        waiting = [r for r in rows if r["claimed_at"] > t
+                   and (t - r["created_at"]).total_seconds() > 0.2]
+        assert all(place(claimed) < place(r) for r in waiting), (claimed, waiting)
     for run_id in runs:
         await assert_valid_plan(db, run_id)
 

@@ -45,7 +45,7 @@ def test_payloads_are_what_the_ui_receives():
     status = StatusEvent(run_id=RUN, status=RunStatus.PENDING, phase=Phase.QUEUED, position=2)
     assert (status.event, status.payload()) == ("status", {
         "version": 1, "run_id": str(RUN), "status": "PENDING", "phase": "queued",
-        "position": 2})
+        "position": 2, "estimated_start": None})
     progress = ProgressEvent.of(RUN, Progress(solutions=3, objective=1.5, elapsed_ms=10,
                                               time_limit_ms=2000))
     assert progress.payload()["solutions"] == 3 and progress.event == "progress"

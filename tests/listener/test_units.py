@@ -2,38 +2,42 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
 
 from listener.executor import summarise_validation
 from listener.queries import queries
-from listener.run_queue import RunQueue
+from listener.run_queue import Wakeup
 from listener.settings import ListenerSettings
 from solver import Problem
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-async def test_queue_is_oldest_first_and_deduplicated():
-    q = RunQueue()
-    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    assert q.put(b, T0 + timedelta(seconds=2))
-    assert q.put(a, T0)
-    assert q.put(c, T0 + timedelta(seconds=5))
-    assert not q.put(a, T0), "a run waits at most once"
-    assert q.positions() == {a: 1, b: 2, c: 3}
-    assert [await q.get(), await q.get()] == [a, b]
-    q.discard(c)
-    assert len(q) == 0 and q.positions() == {}
+async def test_wakeup_only_wakes_and_loses_no_hint():
+    """The wake-up decides no order: it says "claim now" and which runs were hinted since the
+    last claim; a hint during a claim wakes the loop again."""
+    w = Wakeup()
+    a, b = uuid.uuid4(), uuid.uuid4()
+    assert not w.is_set()
+    assert w.hint(a) and w.hint(b)
+    assert not w.hint(a), "a duplicate event is not a new hint"
+    await asyncio.wait_for(w.wait(), timeout=1)
+    assert w.take() == {a, b} and not w.is_set()
+    assert w.hint(a), "after a claim the same run may be hinted again"
+    assert w.is_set() and w.take() == {a}
+    w.poke()
+    assert w.is_set() and w.take() == set()
 
 
 def test_every_named_query_is_present():
     names = set(queries())
     assert {"claim_run", "heartbeat", "load_problem", "commit_plan", "finish_run",
-            "write_logs", "pending_runs", "ping"} <= names
+            "write_logs", "pending_runs", "ping", "listener_heartbeat", "queue_positions"} <= names
 
 
 def _raw_problem(**over: object) -> dict[str, object]:

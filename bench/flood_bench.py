@@ -1,0 +1,304 @@
+"""Flood benchmark (issue 13): one tenant floods, 19 polite tenants insert one run each.
+
+    nice -n 19 .venv/bin/python bench/flood_bench.py [--window 20] [--giant-teams 40000]
+
+On the developer's local stack (started if needed), in a fresh cloned database with its own
+local Realtime server and real `planner listen` processes:
+
+* flood, with 1 and then 3 listeners: 20 new organisations; one inserts runs as fast as its
+  limits allow for `--window` seconds (on a pool of allocation runs, one active run each; a
+  refused insert is counted by SQLSTATE and retried), each of the 19 others inserts a single
+  run at a random moment of the window. All runs are small (12 and 6 lines) with a 1 s solver
+  limit: the order of claims is what is measured. Printed: the worst number of flood runs
+  (and of runs of all organisations) claimed after a polite run was inserted and before it
+  was claimed (target: at most one per listener), refusals by SQLSTATE, and runs FAILED by
+  the pending timeout, with the pending TTL set to 5 s and the sweeper called every second
+  (target 0: a run waiting behind other organisations' runs is not failed while a listener
+  is alive);
+* heartbeat gap: one listener (heartbeat interval 1 s) while a tenant inserts the largest
+  problem admitted (max_job_lines lines over `--giant-teams` teams with demand in every
+  term): the longest gap between two of the listener's heartbeats and between two of the
+  run's heartbeats (target <= 1.5 x the interval);
+* hot rows: WAL bytes written by one run heartbeat on a run whose `options` holds ~1 MB,
+  with the table's replica identity (default) and, for comparison, FULL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devstack import stack
+from devstack.seed import SeededOrganization, seed_organization
+from devstack.settings import DevSettings
+from tests.chaos.campaign import _clone_allocation_run, beats, longest_gap, seed_giant
+from tests.support.databases import cloned_database
+from tests.support.harness import TERMINAL, ListenerProcess, insert_run, listener_env
+from tests.support.realtime import RealtimeServer
+
+TRIVIAL: dict[str, Any] = {"lines": 6, "terms": 2, "teams": 8, "rule_sets": []}
+#: The flood's runs are small too: what matters is the order they are claimed in, and the
+#: benchmark must finish in minutes on a shared 2-core machine.
+FLOOD: dict[str, Any] = {"lines": 12, "terms": 3, "teams": 12, "rule_sets": []}
+FLOOD_ARS = 32  # the flooder's allocation runs: more than its hourly limit (30), which binds
+PENDING_TTL_S = 5
+HEARTBEAT_S = 1.0
+
+
+async def _insert(db: asyncpg.Connection, org: SeededOrganization, ar: str,
+                  options: dict[str, Any]) -> str:
+    return await insert_run(db, user_id=org.planner.id, organization_id=org.id,
+                            allocation_run_id=ar, n_job_lines=org.suggested_n_job_lines,
+                            constraints=org.suggested_constraints, options=options)
+
+
+async def _sweeper(dsn: str, stop: asyncio.Event) -> None:
+    """What pg_cron does every minute, every second (the operator's timeouts apply)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while not stop.is_set():
+            await conn.fetchval("select planner_engine.sweep_stale_runs()")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        await conn.close()
+
+
+async def flood(settings: DevSettings, name: str, rt_url: str, n_listeners: int,
+                window_s: float, rnd: random.Random, tmp: Path) -> dict[str, Any]:
+    dsn = settings.dsn(name)
+    db = await asyncpg.connect(dsn)
+    tag = f"L{n_listeners}"
+    flooder = await seed_organization(db, settings, f"Flooder {tag}", instance_seed=99, **FLOOD)
+    ars = [flooder.allocation_run_id] + [
+        await _clone_allocation_run(db, flooder.id, flooder.allocation_run_id, k)
+        for k in range(1, FLOOD_ARS)]
+    polite = [await seed_organization(db, settings, f"Polite {tag} {i}", instance_seed=i,
+                                      **TRIVIAL) for i in range(19)]
+    env = listener_env(settings, name, rt_url, PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S,
+                       PLANNER_SOLVER_TIME_LIMIT_S=10)
+    procs = [ListenerProcess(env, tmp / f"{tag}-{i}.log", worker_id=f"{tag}-{i}").start()
+             for i in range(n_listeners)]
+    refused: dict[str, int] = {}
+    flood_ids: list[str] = []
+    polite_ids: list[str] = []
+    stop = asyncio.Event()
+    sweeper = asyncio.create_task(_sweeper(dsn, stop))
+    try:
+        for p in procs:
+            await p.wait_ready()
+        t0 = time.monotonic()
+
+        async def flood_loop() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                while time.monotonic() - t0 < window_s:
+                    progressed = False
+                    for ar in ars:
+                        try:
+                            flood_ids.append(await _insert(
+                                conn, flooder, ar, {"time_limit_seconds": 1}))
+                            progressed = True
+                        except asyncpg.PostgresError as exc:
+                            # PL013 (this allocation run is busy) included: one active run
+                            # per allocation run is a limit too; the loop tries the next.
+                            key = f"{exc.sqlstate} {str(exc).split(' (')[0][:50]}"
+                            refused[key] = refused.get(key, 0) + 1
+                    if not progressed:
+                        await asyncio.sleep(0.2)  # every allocation run busy or refused
+            finally:
+                await conn.close()
+
+        async def one_polite(org: SeededOrganization) -> None:
+            await asyncio.sleep(rnd.uniform(0, window_s))
+            conn = await asyncpg.connect(dsn)
+            try:
+                polite_ids.append(await _insert(conn, org, org.allocation_run_id,
+                                                {"time_limit_seconds": 1}))
+            finally:
+                await conn.close()
+
+        await asyncio.gather(flood_loop(), *(one_polite(o) for o in polite))
+        deadline = time.monotonic() + 900
+        ids = flood_ids + polite_ids
+        while time.monotonic() < deadline:
+            left = await db.fetchval(
+                "select count(*) from allocation_planner_runs where id = any($1::uuid[])"
+                " and status not in ('COMPLETED', 'INFEASIBLE', 'FAILED', 'CANCELLED')", ids)
+            if left == 0:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await sweeper
+        for p in procs:
+            p.stop_now()
+    ahead = await db.fetch(
+        "select m.id,"
+        " count(*) filter (where f.organization_id = $3) as flood_ahead,"
+        " count(f.id) as all_ahead"
+        " from allocation_planner_runs m left join allocation_planner_runs f"
+        " on f.claimed_at > m.created_at and f.claimed_at < m.claimed_at"
+        " and f.id <> m.id and f.id = any($2::uuid[])"
+        " where m.id = any($1::uuid[]) group by m.id",
+        polite_ids, flood_ids + polite_ids, flooder.id)
+    statuses = {r["status"]: r["n"] for r in await db.fetch(
+        "select status, count(*) as n from allocation_planner_runs where id = any($1::uuid[])"
+        " group by 1", flood_ids + polite_ids)}
+    pending_failed = await db.fetchval(
+        "select count(*) from allocation_planner_runs where id = any($1::uuid[])"
+        " and status = 'FAILED' and error like 'no planner picked this run up%'",
+        flood_ids + polite_ids)
+    waits = [(r["claimed_at"] - r["created_at"]).total_seconds() for r in await db.fetch(
+        "select created_at, claimed_at from allocation_planner_runs"
+        " where id = any($1::uuid[]) and claimed_at is not null", polite_ids)]
+    await db.close()
+    return {
+        "listeners": n_listeners, "flood_runs": len(flood_ids), "polite_runs": len(polite_ids),
+        "worst_flood_ahead": max((r["flood_ahead"] for r in ahead), default=0),
+        "worst_all_ahead": max((r["all_ahead"] for r in ahead), default=0),
+        "worst_polite_wait_s": max(waits, default=0.0),
+        "refused": refused, "statuses": statuses, "pending_failed": pending_failed,
+    }
+
+
+async def heartbeat_gap(settings: DevSettings, name: str, rt_url: str, teams: int,
+                        tmp: Path) -> dict[str, Any]:
+    dsn = settings.dsn(name)
+    db = await asyncpg.connect(dsn)
+    giant = await seed_giant(db, settings, teams)
+    env = listener_env(settings, name, rt_url, PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S)
+    proc = ListenerProcess(env, tmp / "giant.log", worker_id="giant").start()
+    stop = asyncio.Event()
+    try:
+        await proc.wait_ready()
+        listener_beats = asyncio.create_task(beats(
+            dsn, "select beat_at from planner_private.listener_heartbeats where worker_id = $1",
+            "giant", stop))
+        await asyncio.sleep(3 * HEARTBEAT_S)  # a few beats before the insert
+        t0 = time.monotonic()
+        rid = await _insert(db, giant, giant.allocation_run_id, {"time_limit_seconds": 2})
+        run_beats = asyncio.create_task(beats(
+            dsn, "select heartbeat_at from allocation_planner_runs where id = $1::uuid"
+                 " and status = 'GENERATING'", rid, stop))
+        while True:
+            row = await db.fetchrow("select status, error from allocation_planner_runs"
+                                    " where id = $1", rid)
+            if row["status"] in TERMINAL:
+                break
+            await asyncio.sleep(0.2)
+        took = time.monotonic() - t0
+        await asyncio.sleep(2 * HEARTBEAT_S)
+    finally:
+        stop.set()
+        proc.stop_now()
+    result = {
+        "teams": teams, "lines": giant.suggested_n_job_lines, "status": row["status"],
+        "error": (row["error"] or "")[:80], "seconds": took,
+        "listener_gap_s": longest_gap(await listener_beats),
+        "run_gap_s": longest_gap(await run_beats),
+    }
+    await db.close()
+    return result
+
+
+async def wal_per_heartbeat(settings: DevSettings, name: str) -> dict[str, float]:
+    db = await asyncpg.connect(settings.dsn(name))
+    org = await seed_organization(db, settings, "WAL", instance_seed=5, **TRIVIAL)
+    blob = await db.fetchval("select string_agg(md5(random()::text) || md5(random()::text), '')"
+                             " from generate_series(1, 16384)")
+    run = await db.fetchval(
+        "insert into allocation_planner_runs (organization_id, allocation_run_id, n_job_lines,"
+        " options) values ($1, $2, 2, $3::jsonb) returning id", org.id, org.allocation_run_id,
+        json.dumps({"note": blob}))
+    lease = await db.fetchval("select lease from planner_engine.claim_run('wal', $1)", run)
+
+    async def measure() -> float:
+        best = None
+        for _ in range(10):
+            a = await db.fetchval("select pg_current_wal_insert_lsn()")
+            await db.execute("select planner_engine.heartbeat($1, $2)", run, lease)
+            b = await db.fetchval("select pg_current_wal_insert_lsn()")
+            used = float(await db.fetchval("select pg_wal_lsn_diff($1, $2)", b, a))
+            best = used if best is None else min(best, used)
+        assert best is not None
+        return best
+
+    default = await measure()
+    a = await db.fetchval("select pg_current_wal_insert_lsn()")
+    await db.execute("select planner_engine.listener_heartbeat('wal')")
+    b = await db.fetchval("select pg_current_wal_insert_lsn()")
+    listener = float(await db.fetchval("select pg_wal_lsn_diff($1, $2)", b, a))
+    tx = db.transaction()
+    await tx.start()
+    await db.execute("alter table allocation_planner_runs replica identity full")
+    full = await measure()
+    await tx.rollback()
+    await db.execute("update allocation_planner_runs set status = 'FAILED', lease = null,"
+                     " finished_at = now() where id = $1", run)
+    await db.close()
+    return {"options_bytes": float(len(blob)), "default": default, "full": full,
+            "listener": listener}
+
+
+async def main(window_s: float, giant_teams: int, seed: int) -> None:
+    settings: DevSettings = await asyncio.to_thread(stack.up)
+    rnd = random.Random(seed)
+    async with cloned_database(settings, prefix="flood") as name:
+        db = await asyncpg.connect(settings.dsn(name))
+        await db.execute("update planner_engine.settings set pending_run_ttl = $1::text::interval",
+                         f"{PENDING_TTL_S} seconds")
+        await db.close()
+        with RealtimeServer(settings, name) as rt, tempfile.TemporaryDirectory() as tmpdir:
+            tmp = Path(tmpdir)
+            floods = [await flood(settings, name, rt.url, n, window_s, rnd, tmp) for n in (1, 3)]
+            gap = await heartbeat_gap(settings, name, rt.url, giant_teams, tmp)
+        wal = await wal_per_heartbeat(settings, name)
+
+    print(f"flood benchmark: window {window_s:.0f} s, 1 flooding + 19 polite organisations,"
+          f" pending TTL {PENDING_TTL_S} s (sweeper every 1 s), seed {seed}")
+    print(f"{'figure':<62} {'1 listener':>12} {'3 listeners':>12} {'target':>10}")
+
+    def line(label: str, key: str, target: str) -> None:
+        print(f"{label:<62} {floods[0][key]!s:>12} {floods[1][key]!s:>12} {target:>10}")
+
+    line("runs inserted by the flooding organisation", "flood_runs", "")
+    line("polite runs (one per organisation)", "polite_runs", "19")
+    line("worst flood runs claimed ahead of a polite run", "worst_flood_ahead", "<= 1/lst.")
+    line("worst runs of any organisation claimed ahead of a polite run", "worst_all_ahead", "")
+    print(f"{'longest wait of a polite run, insert to claim (s)':<62}"
+          f" {floods[0]['worst_polite_wait_s']:>12.1f} {floods[1]['worst_polite_wait_s']:>12.1f}")
+    line("runs FAILED by the pending timeout", "pending_failed", "0")
+    for f in floods:
+        print(f"  {f['listeners']} listener(s): outcomes {f['statuses']}; refused inserts"
+              f" {f['refused'] or 'none'}")
+    print(f"heartbeat gap, largest problem admitted ({gap['lines']} lines x {gap['teams']} teams,"
+          f" run {gap['status']} in {gap['seconds']:.1f} s {gap['error']!r}):")
+    print(f"  longest gap between listener heartbeats {gap['listener_gap_s']:.2f} s, between the"
+          f" run's heartbeats {gap['run_gap_s']:.2f} s (interval {HEARTBEAT_S:.0f} s, target"
+          f" <= {1.5 * HEARTBEAT_S:.1f} s)")
+    print(f"hot rows: WAL per run heartbeat with a {wal['options_bytes'] / 1e6:.1f} MB options:"
+          f" {wal['default']:.0f} bytes (default replica identity), {wal['full']:.0f} bytes"
+          f" (REPLICA IDENTITY FULL); per listener heartbeat {wal['listener']:.0f} bytes")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--window", type=float, default=20.0, help="seconds the flood lasts")
+    ap.add_argument("--giant-teams", type=int, default=40_000,
+                    help="teams of the largest problem (the limits' maximum, when there is one)")
+    ap.add_argument("--seed", type=int, default=13)
+    args = ap.parse_args()
+    asyncio.run(main(args.window, args.giant_teams, args.seed))
