@@ -235,6 +235,12 @@ async def big_run(su: asyncpg.Connection, world: World) -> tuple[str, str]:
         "select string_agg(md5(random()::text) || md5(random()::text), '')"
         " from generate_series(1, 16384)")
     assert len(blob) >= 1_000_000
+    # an operator's override lets this organisation send such options (planner limits set)
+    await su.execute(
+        "insert into planner_engine.limits (organization_id, max_options_bytes) values ($1, $2)"
+        " on conflict (organization_id)"
+        " do update set max_options_bytes = excluded.max_options_bytes",
+        a.id, 2_000_000)
     run = await insert_run(su, a.id, ar, options=json.dumps({"note": blob}))
     row = await claim(su, run)
     assert row is not None
