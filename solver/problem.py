@@ -116,6 +116,10 @@ class Options(_Strict):
     construction: Literal["full", "hint_only", "off"] = "full"
     #: weight the fairness tier (spread of service, nights and rural terms across lines).
     fairness: bool = True
+    #: "lines": one Boolean per line x term x team (`solver.model`), the baseline;
+    #: "patterns": column generation over classes of interchangeable teams
+    #: (`solver.patterns`, docs/solver.md), for large and tight allocations.
+    model: Literal["lines", "patterns"] = "lines"
 
 
 class Problem(_Strict):

@@ -1,0 +1,607 @@
+"""The patterns model (`options.model = "patterns"`): lines as counts of valid class patterns.
+
+Why: job lines are interchangeable (doctors are matched to lines later), and so are teams with
+the same rule attributes. The line model (`solver.model`) gives every line its own copy of every
+variable, so memory and search grow with lines x terms x teams and the search permutes identical
+lines. Here:
+
+1. **Classes.** Teams whose rule attributes agree (specialty, subspecialty, kind, experiences,
+   rural, the NIGHTS and LEAVE tags: everything a rule reads) form one class; a (class, term)
+   cell's demand is the sum of its teams' minima and maxima. Tight generated instances collapse
+   to ~25 classes at any size. Site and other tags are not part of the key: no rule reads them.
+2. **LP master** (GLOP, `pywraplp`): one column per valid *pattern* (a class per term),
+   `sum lambda = n`, `count <= max`, `count + short >= min`, minimise the shortfall. An
+   "unplaced" column with a high cost keeps it feasible; if it stays in the optimum, no
+   assignment of n lines fits the maxima (infeasible).
+3. **Pricing**: the line model built for *one* line over the class problem (so every rule family
+   is the same code) with the duals as objective: the best valid pattern for the current prices,
+   every improving solution found on the way added as a column. When pricing proves no column
+   improves, the LP value is a lower bound on unfilled positions (otherwise the Lagrangian bound
+   `LP + n * min reduced cost` is used).
+4. **Integer step**: round every column down, and let CP-SAT place the remaining lines (the line
+   model over the class problem with the residual demand), hinted by the fractional columns. If
+   that leaves positions unfilled that the bound says are avoidable, fewer lines are fixed and
+   the step repeats (down to the full class model).
+5. **Back to teams**: each (class, term) count is split over the class's teams (minima first,
+   then up to each maximum) and lines take teams of their class, never one team twice.
+6. **Fairness** (spread of service / nights / rural terms per line): swaps of one term's cells
+   between two lines keep every count, so they are tried while they lower the spread and keep
+   both lines valid.
+
+Pins and a previous plan to keep tell lines apart; such problems are solved by the line model
+(logged), see docs/solver.md. Measurements and design notes: docs/solver.md.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from loguru import logger
+from ortools.linear_solver import pywraplp
+from ortools.sat.python import cp_model
+
+from solver.model import (
+    FAIRNESS_CATEGORIES,
+    LineModel,
+    build,
+    fairness_categories,
+    tier_weights,
+    unfilled_expr,
+)
+from solver.problem import LEAVE, NIGHTS, Demand, Plan, Problem, Status, Team
+from solver.search import (
+    ProgressFn,
+    _Progress,
+    _search,
+    evaluate,
+    parameters,
+    plan_from_rows,
+)
+from solver.validate import line_violations
+
+Pattern = tuple[int, ...]
+
+#: Share of the time limit column generation may use before the integer step starts.
+CG_SHARE = 0.5
+#: Fraction of the dive's fixed lines kept, per integer attempt (0: the whole class model).
+KEEP_FRACTIONS = (1.0, 0.8, 0.5, 0.0)
+#: The dive stops when this many lines are left for CP-SAT.
+DIVE_FREE_LINES = 12
+#: Scale of the duals in the CP-SAT pricing objective (integers only there).
+PRICE_SCALE = 1_000_000
+
+
+def class_key(team: Team) -> tuple[object, ...]:
+    """What the rules read of a team; teams with equal keys are interchangeable."""
+    return (team.specialty.lower(), team.subspecialty.lower(), team.kind,
+            tuple(sorted(set(team.experiences))), team.rural, team.has_tag(NIGHTS),
+            team.has_tag(LEAVE))
+
+
+@dataclass
+class Classes:
+    """Teams grouped into classes, and the class-level demand."""
+
+    problem: Problem
+    #: class -> team indices (in problem order)
+    members: list[list[int]]
+    #: one representative team per class (id "class-<i>")
+    reps: list[Team]
+    #: (class, term index) -> (sum of min, sum of max) over the class's teams with a row
+    cells: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def multiplicity(self) -> list[int]:
+        return [len(m) for m in self.members]
+
+    def class_problem(
+        self, n: int, used: Counter[tuple[int, int]] | None = None, *, minimums: bool = True
+    ) -> Problem:
+        """The problem over classes for `n` lines, demand reduced by cells already `used`."""
+        used = used or Counter()
+        demand = []
+        for (c, t), (lo, hi) in sorted(self.cells.items()):
+            u = used[c, t]
+            demand.append(Demand(team=self.reps[c].id, term=self.problem.terms[t].id,
+                                 min=max(0, lo - u) if minimums else 0, max=max(0, hi - u)))
+        opts = self.problem.options.model_copy(update={
+            "fairness": False, "construction": "off", "model": "lines",
+            "strict_minimum": self.problem.options.strict_minimum and minimums})
+        return Problem(terms=self.problem.terms, teams=self.reps, demand=demand, n_job_lines=n,
+                       rule_sets=self.problem.rule_sets, options=opts)
+
+
+def make_classes(problem: Problem) -> Classes:
+    keys: dict[tuple[object, ...], int] = {}
+    members: list[list[int]] = []
+    for k, team in enumerate(problem.teams):
+        key = class_key(team)
+        if key not in keys:
+            keys[key] = len(members)
+            members.append([])
+        members[keys[key]].append(k)
+    reps = [problem.teams[m[0]].model_copy(update={
+        "id": f"class-{c}", "name": f"{problem.teams[m[0]].subspecialty} ({len(m)} team(s))"})
+        for c, m in enumerate(members)]
+    cls = Classes(problem=problem, members=members, reps=reps)
+    class_of = {problem.teams[k].id: c for c, m in enumerate(members) for k in m}
+    tix = {t.id: i for i, t in enumerate(problem.terms)}
+    for d in problem.demand:
+        key = (class_of[d.team], tix[d.term])
+        lo, hi = cls.cells.get(key, (0, 0))
+        cls.cells[key] = (lo + d.min, hi + d.max)
+    return cls
+
+
+# ------------------------------------------------------------------------------ LP master
+
+
+class Master:
+    """The restricted master LP over the patterns generated so far (GLOP)."""
+
+    def __init__(
+        self, cells: dict[tuple[int, int], tuple[int, int]], n: int, n_terms: int
+    ) -> None:
+        self.n = n
+        self.lp = pywraplp.Solver.CreateSolver("GLOP")
+        inf = self.lp.infinity()
+        self.big = float(n_terms + 1)
+        self.objective = self.lp.Objective()
+        self.convexity = self.lp.Constraint(n, n, "lines")
+        self.unplaced = self.lp.NumVar(0, inf, "unplaced")
+        self.convexity.SetCoefficient(self.unplaced, 1)
+        self.objective.SetCoefficient(self.unplaced, self.big)
+        self.max_rows: dict[tuple[int, int], pywraplp.Constraint] = {}
+        self.min_rows: dict[tuple[int, int], pywraplp.Constraint] = {}
+        self.shorts: dict[tuple[int, int], pywraplp.Variable] = {}
+        for (c, t), (lo, hi) in sorted(cells.items()):
+            self.max_rows[c, t] = self.lp.Constraint(-inf, hi, f"max[{c},{t}]")
+            if lo > 0:
+                row = self.lp.Constraint(lo, inf, f"min[{c},{t}]")
+                short = self.lp.NumVar(0, lo, f"short[{c},{t}]")
+                row.SetCoefficient(short, 1)
+                self.objective.SetCoefficient(short, 1)
+                self.min_rows[c, t] = row
+                self.shorts[c, t] = short
+        self.objective.SetMinimization()
+        self.columns: list[Pattern] = []
+        self.vars: list[pywraplp.Variable] = []
+        self.seen: set[Pattern] = set()
+        self.value = math.inf
+
+    def add(self, pattern: Pattern) -> bool:
+        if pattern in self.seen:
+            return False
+        self.seen.add(pattern)
+        var = self.lp.NumVar(0, self.lp.infinity(), f"p{len(self.columns)}")
+        self.convexity.SetCoefficient(var, 1)
+        for t, c in enumerate(pattern):
+            self.max_rows[c, t].SetCoefficient(var, 1)
+            if (c, t) in self.min_rows:
+                self.min_rows[c, t].SetCoefficient(var, 1)
+        self.columns.append(pattern)
+        self.vars.append(var)
+        return True
+
+    def solve(self) -> None:
+        status = self.lp.Solve()
+        if status != pywraplp.Solver.OPTIMAL:  # cannot happen: the unplaced column is feasible
+            raise RuntimeError(f"master LP ended with status {status}")
+        self.value = self.objective.Value()
+
+    def prices(self) -> tuple[float, dict[tuple[int, int], float]]:
+        """Dual of the convexity row and per-cell price (a column's cost is 0, so its reduced
+        cost is `-mu - sum of its cells' prices`)."""
+        prices: dict[tuple[int, int], float] = {}
+        for key, row in self.max_rows.items():
+            prices[key] = row.dual_value() + (
+                self.min_rows[key].dual_value() if key in self.min_rows else 0.0)
+        return self.convexity.dual_value(), prices
+
+    def unplaced_lines(self) -> float:
+        return float(self.unplaced.solution_value())
+
+    def fractional(self) -> list[tuple[Pattern, float]]:
+        return [(p, v.solution_value()) for p, v in zip(self.columns, self.vars, strict=True)
+                if v.solution_value() > 1e-9]
+
+
+class Pricing:
+    """Best valid pattern for given prices: the line model for one line over the classes."""
+
+    def __init__(self, cls: Classes, num_workers: int | None) -> None:
+        self.cls = cls
+        problem = cls.class_problem(1, minimums=False)
+        self.lm: LineModel = build(problem, multiplicity=cls.multiplicity)
+        self.params = parameters(problem, 1)
+        self.n_terms = len(problem.terms)
+
+    def price(
+        self, mu: float, prices: dict[tuple[int, int], float], seconds: float
+    ) -> tuple[list[Pattern], float | None]:
+        """Improving patterns (reduced cost < 0) and a proven lower bound on the reduced cost
+        (None when the pricing did not finish)."""
+        lm = self.lm
+        terms = [(v, round(prices.get((c, t), 0.0) * PRICE_SCALE))
+                 for (_line, t, c), v in lm.x.items()]
+        lm.model.maximize(cp_model.LinearExpr.weighted_sum([v for v, _ in terms],
+                                                           [w for _, w in terms]))
+        found: list[Pattern] = []
+        cells = list(lm.x.items())
+
+        class Collect(cp_model.CpSolverSolutionCallback):
+            def on_solution_callback(self) -> None:
+                row = [-1] * len(lm.problem.terms)
+                gain = 0.0
+                for (_line, t, c), v in cells:
+                    if self.boolean_value(v):
+                        row[t] = c
+                        gain += prices.get((c, t), 0.0)
+                if -mu - gain < -1e-7:
+                    found.append(tuple(row))
+
+        solver = cp_model.CpSolver()
+        solver.parameters.copy_from(self.params)
+        solver.parameters.max_time_in_seconds = max(0.01, seconds)
+        status = solver.solve(lm.model, Collect())
+        if status == cp_model.OPTIMAL:
+            return found, -mu - solver.best_objective_bound / PRICE_SCALE - 1e-6 * self.n_terms
+        if status == cp_model.INFEASIBLE:
+            return [], math.inf  # no valid line at all
+        return found, None
+
+
+# ------------------------------------------------------------------------------- teams
+
+
+def to_teams(cls: Classes, class_rows: list[list[int]]) -> list[list[int]] | None:
+    """Team index per (line, term): counts split minima first, no team twice on a line.
+
+    None when a line repeats a class and its teams cannot be told apart in time (then the
+    caller falls back to the line model).
+    """
+    problem = cls.problem
+    dm = problem.demand_map()
+    counts = Counter((c, t) for row in class_rows for t, c in enumerate(row))
+    quota: dict[tuple[int, int], int] = {}
+    for (c, t), n in counts.items():
+        term_id = problem.terms[t].id
+        rows = [(k, dm[problem.teams[k].id, term_id]) for k in cls.members[c]
+                if (problem.teams[k].id, term_id) in dm]
+        left = n
+        for k, d in rows:
+            take = min(d.min, left)
+            quota[k, t] = take
+            left -= take
+        for k, d in rows:
+            extra = min(d.max - quota[k, t], left)
+            quota[k, t] += extra
+            left -= extra
+        if left > 0:
+            return None
+    out: list[list[int]] = [[-1] * len(problem.terms) for _ in class_rows]
+    # Lines that repeat a class first: they have the fewest choices.
+    order = sorted(range(len(class_rows)),
+                   key=lambda ln: -max(Counter(class_rows[ln]).values()))
+    for ln in order:
+        used: set[int] = set()
+        for t, c in enumerate(class_rows[ln]):
+            options = [k for k in cls.members[c] if quota.get((k, t), 0) > 0 and k not in used]
+            if not options:
+                return None
+            k = max(options, key=lambda team: quota[team, t])  # noqa: B023 (used at once)
+            quota[k, t] -= 1
+            used.add(k)
+            out[ln][t] = k
+    return out
+
+
+def improve_fairness(
+    problem: Problem, rows: list[list[int]], categories: list[str], deadline: float
+) -> None:
+    """Swap one term's teams between two lines while a category's spread drops.
+
+    A swap keeps every (team, term) count, so unfilled positions cannot change; both lines must
+    stay valid (checked with the validator's own per-line check).
+    """
+    flags: list[list[bool]] = []
+    for name in categories:
+        pred = FAIRNESS_CATEGORIES[name]
+        assert callable(pred)
+        flags.append([bool(pred(team)) for team in problem.teams])
+    if not flags:
+        return
+    terms = problem.terms
+
+    def rot(row: list[int]) -> dict[str, str]:
+        return {terms[t].id: problem.teams[k].id for t, k in enumerate(row)}
+
+    for i, flag in enumerate(flags):
+        while time.monotonic() < deadline:
+            counts = [sum(flag[k] for k in row) for row in rows]
+            hi, lo = max(counts), min(counts)
+            if hi - lo <= 1:
+                break
+            donors = [ln for ln, n in enumerate(counts) if n == hi]
+            takers = [ln for ln, n in enumerate(counts) if n == lo]
+            moved = False
+            for a in donors:
+                for b in takers:
+                    for t in range(len(terms)):
+                        ka, kb = rows[a][t], rows[b][t]
+                        if not (flag[ka] and not flag[kb]):
+                            continue
+                        ra, rb = list(rows[a]), list(rows[b])
+                        ra[t], rb[t] = kb, ka
+                        if line_violations(problem, rot(ra)) or line_violations(problem, rot(rb)):
+                            continue
+                        # The swap must not widen another category's spread.
+                        if any(not _spread_ok(flags[j], rows, a, b, ra, rb)
+                               for j in range(len(flags)) if j != i):
+                            continue
+                        rows[a], rows[b] = ra, rb
+                        moved = True
+                        break
+                    if moved or time.monotonic() > deadline:
+                        break
+                if moved or time.monotonic() > deadline:
+                    break
+            if not moved:
+                break
+
+
+def _spread_ok(
+    flag: list[bool], rows: list[list[int]], a: int, b: int, ra: list[int], rb: list[int]
+) -> bool:
+    before = [sum(flag[k] for k in row) for row in rows]
+    after = list(before)
+    after[a], after[b] = sum(flag[k] for k in ra), sum(flag[k] for k in rb)
+    return max(after) - min(after) <= max(1, max(before) - min(before))
+
+
+# ------------------------------------------------------------------------------- solve
+
+
+@dataclass
+class _Bound:
+    """What column generation proved about unfilled positions."""
+
+    unfilled: int = 0
+    infeasible: bool = False
+    converged: bool = False
+
+
+def _column_generation(
+    master: Master, pricing: Pricing, deadline: float, callback: _Progress,
+    stop: threading.Event | None,
+) -> _Bound:
+    n = master.n
+    bound = _Bound()
+    iterations = 0
+    while True:
+        master.solve()
+        iterations += 1
+        if master.value < 1e-9:
+            bound.converged = True
+            break
+        mu, prices = master.prices()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0.02 or (stop is not None and stop.is_set()):
+            break
+        columns, rc_bound = pricing.price(mu, prices, min(remaining, 10.0))
+        if rc_bound is not None and math.isinf(rc_bound):
+            bound.infeasible = True  # not even one valid line exists
+            return bound
+        if rc_bound is not None:
+            lagrange = master.value + n * min(0.0, rc_bound)
+            bound.unfilled = max(bound.unfilled, math.ceil(lagrange - 1e-6))
+            callback.on_bound(bound.unfilled)
+        added = sum(master.add(p) for p in columns)
+        callback.emit()
+        if not added:
+            bound.converged = rc_bound is not None
+            break
+    logger.trace("column generation: {} iterations, {} columns, LP {:.3f}, unplaced {:.3f}",
+                 iterations, len(master.columns), master.value, master.unplaced_lines())
+    if bound.converged:
+        if master.unplaced_lines() > 1e-6:
+            bound.infeasible = True
+        else:
+            bound.unfilled = max(bound.unfilled, math.ceil(master.value - 1e-6))
+    return bound
+
+
+def _hint_rows(fractional: list[tuple[Pattern, float]], r: int) -> list[Pattern]:
+    """r patterns by largest remainder of the fractional parts (the hint of the free lines)."""
+    if r <= 0 or not fractional:
+        return []
+    total = sum(v for _, v in fractional)
+    share = [(p, v * r / total) for p, v in fractional]
+    out = [p for p, s in share for _ in range(int(s))]
+    rest = sorted(share, key=lambda ps: -(ps[1] - int(ps[1])))
+    i = 0
+    while len(out) < r:
+        out.append(rest[i % len(rest)][0])
+        i += 1
+    return out[:r]
+
+
+def _residual_cells(cls: Classes, fixed: list[list[int]]) -> dict[tuple[int, int], tuple[int, int]]:
+    used = Counter((c, t) for row in fixed for t, c in enumerate(row))
+    return {(c, t): (max(0, lo - used[c, t]), max(0, hi - used[c, t]))
+            for (c, t), (lo, hi) in cls.cells.items()}
+
+
+def _dive(
+    cls: Classes, master: Master, pricing: Pricing, deadline: float, callback: _Progress,
+    stop: threading.Event | None,
+) -> tuple[list[list[int]], Master]:
+    """Residual rounding (cutting-stock style): fix every column's whole part, re-solve the
+    LP of the lines left (with pricing), and when nothing is whole round the largest column
+    up; stop when few lines are left or fixing would make the LP worse.
+
+    Returns the fixed lines (in the order fixed) and the master of the lines left.
+    """
+    n = cls.problem.n_job_lines
+    n_terms = len(cls.problem.terms)
+    fixed: list[list[int]] = []
+    while n - len(fixed) > DIVE_FREE_LINES and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            break
+        frac = master.fractional()
+        if not frac:
+            break
+        take = [(p, math.floor(v + 1e-9)) for p, v in frac if v >= 1 - 1e-9]
+        if not take:
+            take = [(max(frac, key=lambda pv: pv[1])[0], 1)]
+        batch = [list(p) for p, f in take for _ in range(f)][: n - len(fixed)]
+        trial = fixed + batch
+        sub = Master(_residual_cells(cls, trial), n - len(trial), n_terms)
+        for p in master.columns:
+            sub.add(p)
+        _column_generation(sub, pricing, deadline, callback, stop)
+        if sub.value > master.value + 1e-6:
+            break  # this rounding loses positions the LP could still fill: stop here
+        fixed, master = trial, sub
+    logger.debug("dive: {} lines fixed, {} left, LP {:.3f}", len(fixed), n - len(fixed),
+                 master.value)
+    return fixed, master
+
+
+def _integer_step(
+    cls: Classes, fixed: list[list[int]], hint: list[Pattern], deadline: float,
+    callback: _Progress, stop: threading.Event | None, num_workers: int | None,
+    w_unfilled: int,
+) -> tuple[list[list[int]] | None, int, Status]:
+    """CP-SAT places the lines not `fixed` (the line model over the class problem with the
+    residual demand), hinted by `hint`.
+
+    Returns class rows (None when CP-SAT found none), unfilled positions, CP-SAT's status.
+    """
+    n = cls.problem.n_job_lines
+    r = n - len(fixed)
+    cells = _residual_cells(cls, fixed)
+    if r == 0:
+        return fixed, sum(lo for lo, _hi in cells.values()), "OPTIMAL"
+    used = Counter((c, t) for row in fixed for t, c in enumerate(row))
+    sub = cls.class_problem(r, used)
+    lm = build(sub, multiplicity=cls.multiplicity)
+    unfilled = unfilled_expr(lm)
+    lm.model.minimize(unfilled)
+    pos = [{k: i for i, k in enumerate(ks)} for ks in lm.teams_by_term]
+    ordered = sorted(hint[:r], key=lambda p: [pos[t].get(c, 0) for t, c in enumerate(p)])
+    for line, p in enumerate(ordered):
+        for t, c in enumerate(p):
+            for k in lm.teams_by_term[t]:
+                lm.model.add_hint(lm.x[line, t, k], k == c)
+    # The residual minima are what the fixed lines leave open, so the residual's unfilled
+    # positions are the whole plan's.
+    callback.full_objective = w_unfilled * unfilled
+    callback.bound_scale = 0  # the residual's bound says nothing about the whole plan
+    params = parameters(sub, num_workers)
+    status, solver = _search(lm, params, deadline - time.monotonic(), callback, stop)
+    if status not in ("OPTIMAL", "FEASIBLE"):
+        return None, 0, status
+    rows = [[-1] * len(sub.terms) for _ in range(r)]
+    for (line, t, k), var in lm.x.items():
+        if solver.boolean_value(var):
+            rows[line][t] = k
+    return fixed + rows, round(solver.objective_value), status
+
+
+def solve_patterns(
+    problem: Problem,
+    *,
+    on_progress: ProgressFn | None = None,
+    stop: threading.Event | None = None,
+    num_workers: int | None = None,
+) -> Plan:
+    """Solve with the patterns model (see module docstring); same Plan contract as `solve`."""
+    from solver.explain import explain_infeasible
+    from solver.search import solve
+
+    if _needs_line_model(problem):
+        logger.info("patterns model: pins or a previous plan to keep; using the line model")
+        return solve(problem.model_copy(update={"options": problem.options.model_copy(
+            update={"model": "lines"})}), on_progress=on_progress, stop=stop,
+            num_workers=num_workers)
+    started = time.monotonic()
+    limit = problem.options.time_limit_seconds
+    deadline = started + limit
+    callback = _Progress(on_progress, limit)
+    categories = fairness_categories(problem)
+    weights = tier_weights(problem, len(categories), 0)
+    w_unfilled = weights["unfilled"]
+    cls = make_classes(problem)
+    logger.debug("patterns model: {} teams in {} classes", len(problem.teams), len(cls.members))
+    n_terms = len(problem.terms)
+    master = Master(cls.cells, problem.n_job_lines, n_terms)
+    pricing = Pricing(cls, num_workers)
+    callback.bound_scale = w_unfilled
+    callback.emit(force=True)
+    bound = _column_generation(master, pricing, started + limit * CG_SHARE, callback, stop)
+    if bound.infeasible or (problem.options.strict_minimum and bound.converged
+                            and bound.unfilled > 0):
+        callback.emit(force=True)
+        return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
+                    explanation=explain_infeasible(problem), solutions=0)
+    fixed, rest = _dive(cls, master, pricing, started + limit * CG_SHARE, callback, stop)
+    tail = _hint_rows(rest.fractional(), problem.n_job_lines - len(fixed))
+    best: tuple[list[list[int]], int] | None = None
+    proven = False
+    for i, keep in enumerate(KEEP_FRACTIONS):
+        now = time.monotonic()
+        if now >= deadline or (stop is not None and stop.is_set()):
+            break
+        cut = math.floor(len(fixed) * keep)
+        hint = [tuple(r) for r in fixed[cut:]] + tail
+        # Each attempt but the last gets a share of the time left.
+        share = (deadline - now) / (len(KEEP_FRACTIONS) - i) if keep > 0 else deadline - now
+        rows, missing, status = _integer_step(cls, fixed[:cut], hint, now + max(share, 0.5),
+                                              callback, stop, num_workers, w_unfilled)
+        logger.debug("integer step keep={}: {} unfilled ({}), {:.2f}s", keep, missing, status,
+                     time.monotonic() - started)
+        if rows is None:
+            if keep == 0.0 and status == "INFEASIBLE":  # the whole class model: proven
+                callback.emit(force=True)
+                return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
+                            explanation=explain_infeasible(problem), solutions=0)
+            continue
+        if best is None or missing < best[1]:
+            best = (rows, missing)
+            callback.external_solution(float(w_unfilled * missing))
+        if missing <= bound.unfilled or (keep == 0.0 and status == "OPTIMAL"):
+            proven = True
+            break
+    if best is None:
+        callback.emit(force=True)
+        return Plan(status="UNKNOWN", solve_seconds=time.monotonic() - started,
+                    solutions=callback.solutions)
+    team_rows = to_teams(cls, best[0])
+    if team_rows is None:
+        logger.info("patterns model: classes could not be split into teams; line model")
+        left = max(0.1, deadline - time.monotonic())
+        return solve(problem.model_copy(update={"options": problem.options.model_copy(
+            update={"model": "lines", "time_limit_seconds": left})}),
+            on_progress=on_progress, stop=stop, num_workers=num_workers)
+    improve_fairness(problem, team_rows, categories, min(deadline, time.monotonic() + 2.0))
+    tiers = evaluate(problem, categories, team_rows)
+    fair = sum(max(0, v - 1) for k, v in tiers.items() if k.startswith("fairness_"))
+    final: Status = "OPTIMAL" if proven and fair == 0 else "FEASIBLE"
+    unfilled_bound = best[1] if proven else bound.unfilled
+    return plan_from_rows(problem, team_rows, status=final, weights=weights,
+                          categories=categories, callback=callback, started=started,
+                          bound=float(w_unfilled * unfilled_bound))
+
+
+def _needs_line_model(problem: Problem) -> bool:
+    """Pins kept, or a previous plan whose cells count (stability), tell lines apart."""
+    prev = problem.previous_plan
+    if prev is None or not prev.lines:
+        return False
+    pins = problem.options.keep_pinned and any(p.pinned for p in prev.lines)
+    return pins or problem.options.stability != "off"
