@@ -293,7 +293,7 @@ def to_teams(cls: Classes, class_rows: list[list[int]]) -> list[list[int]] | Non
             options = [k for k in cls.members[c] if quota.get((k, t), 0) > 0 and k not in used]
             if not options:
                 return None
-            k = max(options, key=lambda team: quota[team, t])  # noqa: B023 (used at once)
+            k = max(options, key=lambda team: quota[team, t])
             quota[k, t] -= 1
             used.add(k)
             out[ln][t] = k
