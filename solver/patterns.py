@@ -44,6 +44,7 @@ from loguru import logger
 from ortools.linear_solver import pywraplp
 from ortools.sat.python import cp_model
 
+from solver.heuristic import construct
 from solver.model import (
     FAIRNESS_CATEGORIES,
     LineModel,
@@ -53,6 +54,7 @@ from solver.model import (
     unfilled_expr,
 )
 from solver.problem import LEAVE, NIGHTS, Demand, Plan, Problem, Status, Team
+from solver.rules import SPECS
 from solver.search import (
     ProgressFn,
     _Progress,
@@ -61,16 +63,25 @@ from solver.search import (
     parameters,
     plan_from_rows,
 )
-from solver.validate import line_violations
+from solver.validate import check_spec, line_violations
 
 Pattern = tuple[int, ...]
 
-#: Share of the time limit column generation may use before the integer step starts.
-CG_SHARE = 0.5
-#: Fraction of the dive's fixed lines kept, per integer attempt (0: the whole class model).
-KEEP_FRACTIONS = (1.0, 0.8, 0.5, 0.0)
+#: Share of the time limit column generation may use; the dive may go on until DIVE_SHARE.
+CG_SHARE = 0.4
+DIVE_SHARE = 0.6
+#: Greedy attempts per line when seeding the LP (the greedy skips what it cannot place).
+SEED_TRIES = 8
+#: Largest CP-SAT model (line x term x class literals) the integer step builds: building is
+#: plain Python and not bounded by CP-SAT's time limit (a 1,000-line class model took 26 s).
+MAX_STEP_LITERALS = 60_000
+#: When CP-SAT misses the bound, the next attempt frees this many times more lines.
+FREE_GROWTH = 3
 #: The dive stops when this many lines are left for CP-SAT.
 DIVE_FREE_LINES = 12
+#: Improving patterns per pricing call whose one-term changes are tried as columns too.
+NEIGHBOUR_SOURCES = 3
+MAX_NEIGHBOURS = 40
 #: Scale of the duals in the CP-SAT pricing objective (integers only there).
 PRICE_SCALE = 1_000_000
 
@@ -187,11 +198,15 @@ class Master:
         self.vars.append(var)
         return True
 
-    def solve(self) -> None:
+    def solve(self) -> bool:
+        """False when the lower bounds the dive set cannot hold together (without them the
+        unplaced column always makes the LP feasible)."""
         status = self.lp.Solve()
-        if status != pywraplp.Solver.OPTIMAL:  # cannot happen: the unplaced column is feasible
-            raise RuntimeError(f"master LP ended with status {status}")
+        if status != pywraplp.Solver.OPTIMAL:
+            self.value = math.inf
+            return False
         self.value = self.objective.Value()
+        return True
 
     def prices(self) -> tuple[float, dict[tuple[int, int], float]]:
         """Dual of the convexity row and per-cell price (a column's cost is 0, so its reduced
@@ -211,11 +226,21 @@ class Master:
 
 
 class Pricing:
-    """Best valid pattern for given prices: the line model for one line over the classes."""
+    """Best valid pattern for given prices: the line model for one line over the classes.
+
+    Each CP-SAT call (~0.1 s at 100 classes) yields only the few improving patterns it meets
+    on its way to the optimum, so every one-term change of the best patterns that still has a
+    negative reduced cost and passes the validator's per-line check is added too: many more
+    columns per LP solve, far fewer iterations.
+    """
 
     def __init__(self, cls: Classes, num_workers: int | None) -> None:
         self.cls = cls
         problem = cls.class_problem(1, minimums=False)
+        self.problem = problem
+        self.by_term = [[c for (c, t2), (_lo, hi) in sorted(cls.cells.items())
+                         if t2 == t and hi > 0] for t in range(len(problem.terms))]
+        self._valid: dict[Pattern, bool] = {}
         self.lm: LineModel = build(problem, multiplicity=cls.multiplicity)
         self.params = parameters(problem, 1)
         self.n_terms = len(problem.terms)
@@ -248,11 +273,56 @@ class Pricing:
         solver.parameters.copy_from(self.params)
         solver.parameters.max_time_in_seconds = max(0.01, seconds)
         status = solver.solve(lm.model, Collect())
+        found.extend(self.neighbours(found[-NEIGHBOUR_SOURCES:], mu, prices))
         if status == cp_model.OPTIMAL:
             return found, -mu - solver.best_objective_bound / PRICE_SCALE - 1e-6 * self.n_terms
         if status == cp_model.INFEASIBLE:
             return [], math.inf  # no valid line at all
         return found, None
+
+
+    def valid(self, pattern: Pattern) -> bool:
+        ok = self._valid.get(pattern)
+        if ok is None:
+            rotations = {term.id: self.problem.teams[c].id
+                         for term, c in zip(self.problem.terms, pattern, strict=True)}
+            counts = Counter(pattern)
+            mult = self.cls.multiplicity
+            ok = all(n <= mult[c] for c, n in counts.items()) and not _rule_violations(
+                self.problem, rotations)
+            self._valid[pattern] = ok
+        return ok
+
+    def neighbours(
+        self, sources: list[Pattern], mu: float, prices: dict[tuple[int, int], float]
+    ) -> list[Pattern]:
+        """Valid one-term changes of `sources` with a negative reduced cost, best first (at
+        most MAX_NEIGHBOURS: too many columns slow the LP more than they save)."""
+        candidates: dict[Pattern, float] = {}
+        for p in sources:
+            gain = sum(prices.get((c, t), 0.0) for t, c in enumerate(p))
+            for t, here in enumerate(p):
+                for c in self.by_term[t]:
+                    if c == here:
+                        continue
+                    g = gain - prices.get((here, t), 0.0) + prices.get((c, t), 0.0)
+                    if -mu - g < -1e-7:
+                        candidates[(*p[:t], c, *p[t + 1 :])] = g
+        out: list[Pattern] = []
+        for q in sorted(candidates, key=lambda q: -candidates[q]):
+            if q not in sources and self.valid(q):
+                out.append(q)
+                if len(out) >= MAX_NEIGHBOURS:
+                    break
+        return out
+
+
+def _rule_violations(problem: Problem, rotations: dict[str, str]) -> list[str]:
+    """The rule sets' per-line checks (not the no-repeat check: classes may repeat)."""
+    out: list[str] = []
+    for code in problem.rule_sets:
+        out.extend(check_spec(problem, code, SPECS[code], rotations))
+    return out
 
 
 # ------------------------------------------------------------------------------- teams
@@ -383,7 +453,8 @@ def _column_generation(
     bound = _Bound()
     iterations = 0
     while True:
-        master.solve()
+        if not master.solve():
+            return bound
         iterations += 1
         if master.value < 1e-9:
             bound.converged = True
@@ -439,37 +510,57 @@ def _residual_cells(cls: Classes, fixed: list[list[int]]) -> dict[tuple[int, int
 def _dive(
     cls: Classes, master: Master, pricing: Pricing, deadline: float, callback: _Progress,
     stop: threading.Event | None,
-) -> tuple[list[list[int]], Master]:
-    """Residual rounding (cutting-stock style): fix every column's whole part, re-solve the
-    LP of the lines left (with pricing), and when nothing is whole round the largest column
-    up; stop when few lines are left or fixing would make the LP worse.
+) -> list[list[int]]:
+    """Residual rounding (cutting-stock style) on the master itself: a column's lower bound is
+    the number of lines fixed to it. Fix every column's whole part; when nothing is whole,
+    round the largest fractional columns up; re-solve (with pricing) after each step and undo
+    a step that makes the LP worse. Stops when DIVE_FREE_LINES lines are left.
 
-    Returns the fixed lines (in the order fixed) and the master of the lines left.
+    Returns the fixed lines; the master's solution then describes the lines left.
     """
     n = cls.problem.n_job_lines
-    n_terms = len(cls.problem.terms)
-    fixed: list[list[int]] = []
-    while n - len(fixed) > DIVE_FREE_LINES and time.monotonic() < deadline:
-        if stop is not None and stop.is_set():
+    lower = [0] * len(master.columns)
+    batch_cap = max(1, n // 20)
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        lower.extend([0] * (len(master.columns) - len(lower)))
+        left = n - sum(lower)
+        if left <= DIVE_FREE_LINES:
             break
-        frac = master.fractional()
-        if not frac:
+        values = [v.solution_value() for v in master.vars]
+        step = {j: math.floor(v + 1e-9) for j, v in enumerate(values)
+                if math.floor(v + 1e-9) > lower[j]}
+        if not step:
+            frac = sorted((j for j, v in enumerate(values) if v - lower[j] > 1e-6),
+                          key=lambda j: lower[j] - values[j])
+            step = {j: lower[j] + 1 for j in frac[:min(batch_cap, left - DIVE_FREE_LINES)]}
+        if not step:
             break
-        take = [(p, math.floor(v + 1e-9)) for p, v in frac if v >= 1 - 1e-9]
-        if not take:
-            take = [(max(frac, key=lambda pv: pv[1])[0], 1)]
-        batch = [list(p) for p, f in take for _ in range(f)][: n - len(fixed)]
-        trial = fixed + batch
-        sub = Master(_residual_cells(cls, trial), n - len(trial), n_terms)
-        for p in master.columns:
-            sub.add(p)
-        _column_generation(sub, pricing, deadline, callback, stop)
-        if sub.value > master.value + 1e-6:
-            break  # this rounding loses positions the LP could still fill: stop here
-        fixed, master = trial, sub
+        before = master.value
+        for j, lb in step.items():
+            master.vars[j].SetLb(lb)
+        _column_generation(master, pricing, deadline, callback, stop)
+        if master.value > before + 1e-6:
+            for j in step:
+                master.vars[j].SetLb(lower[j])
+            master.solve()
+            if len(step) == 1:
+                break  # even one more line makes the LP worse: CP-SAT takes it from here
+            batch_cap = 1
+            continue
+        for j, lb in step.items():
+            lower[j] = lb
+    fixed = [list(p) for j, p in enumerate(master.columns[: len(lower)])
+             for _ in range(lower[j])]
     logger.debug("dive: {} lines fixed, {} left, LP {:.3f}", len(fixed), n - len(fixed),
                  master.value)
-    return fixed, master
+    return fixed
+
+
+def _free_hint(master: Master, fixed: list[list[int]], r: int) -> list[Pattern]:
+    """Patterns for the lines not fixed: the LP's fractional remainder, largest first."""
+    lower = Counter(tuple(row) for row in fixed)
+    rest = [(p, v - lower[p]) for p, v in master.fractional() if v - lower[p] > 1e-9]
+    return _hint_rows(rest, r)
 
 
 def _integer_step(
@@ -543,40 +634,61 @@ def solve_patterns(
     pricing = Pricing(cls, num_workers)
     callback.bound_scale = w_unfilled
     callback.emit(force=True)
+    # Seed the LP with the greedy construction's lines (as class patterns): measured at 1,000
+    # lines and 107 classes, column generation from an empty master had not converged after
+    # 30 s; seeded, it converged in two iterations (docs/solver.md).
+    seeded = construct(cls.class_problem(problem.n_job_lines), seed=problem.options.seed,
+                       tries=SEED_TRIES, partial=True) or []
+    for row in seeded:
+        master.add(tuple(row))
+    logger.debug("patterns model: {} seed lines, {} columns, {:.2f}s", len(seeded),
+                 len(master.columns), time.monotonic() - started)
     bound = _column_generation(master, pricing, started + limit * CG_SHARE, callback, stop)
     if bound.infeasible or (problem.options.strict_minimum and bound.converged
                             and bound.unfilled > 0):
         callback.emit(force=True)
         return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
                     explanation=explain_infeasible(problem), solutions=0)
-    fixed, rest = _dive(cls, master, pricing, started + limit * CG_SHARE, callback, stop)
-    tail = _hint_rows(rest.fractional(), problem.n_job_lines - len(fixed))
+    logger.debug("column generation: {} columns, LP {:.3f}, bound {} ({}), {:.2f}s",
+                 len(master.columns), master.value, bound.unfilled,
+                 "converged" if bound.converged else "not converged", time.monotonic() - started)
+    fixed = _dive(cls, master, pricing, started + limit * DIVE_SHARE, callback, stop)
+    n = problem.n_job_lines
+    tail = _free_hint(master, fixed, n - len(fixed))
     best: tuple[list[list[int]], int] | None = None
     proven = False
-    for i, keep in enumerate(KEEP_FRACTIONS):
+    free = n - len(fixed)
+    while True:
         now = time.monotonic()
         if now >= deadline or (stop is not None and stop.is_set()):
             break
-        cut = math.floor(len(fixed) * keep)
+        cut = n - free
+        literals = free * len(cls.cells)
+        if literals > MAX_STEP_LITERALS and best is not None:
+            logger.debug("integer step with {} free lines: {} literals, too large", free,
+                         literals)
+            break
         hint = [tuple(r) for r in fixed[cut:]] + tail
-        # Each attempt but the last gets a share of the time left.
-        share = (deadline - now) / (len(KEEP_FRACTIONS) - i) if keep > 0 else deadline - now
+        last = cut == 0 or free * FREE_GROWTH * len(cls.cells) > MAX_STEP_LITERALS
+        # Each attempt but the last gets half of the time left.
+        share = deadline - now if last else (deadline - now) / 2
         rows, missing, status = _integer_step(cls, fixed[:cut], hint, now + max(share, 0.5),
                                               callback, stop, num_workers, w_unfilled)
-        logger.debug("integer step keep={}: {} unfilled ({}), {:.2f}s", keep, missing, status,
-                     time.monotonic() - started)
-        if rows is None:
-            if keep == 0.0 and status == "INFEASIBLE":  # the whole class model: proven
-                callback.emit(force=True)
-                return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
-                            explanation=explain_infeasible(problem), solutions=0)
-            continue
-        if best is None or missing < best[1]:
+        logger.debug("integer step, {} free lines: {} unfilled ({}), {:.2f}s", free, missing,
+                     status, time.monotonic() - started)
+        if rows is None and cut == 0 and status == "INFEASIBLE":  # the whole class model
+            callback.emit(force=True)
+            return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
+                        explanation=explain_infeasible(problem), solutions=0)
+        if rows is not None and (best is None or missing < best[1]):
             best = (rows, missing)
             callback.external_solution(float(w_unfilled * missing))
-        if missing <= bound.unfilled or (keep == 0.0 and status == "OPTIMAL"):
+        if rows is not None and (missing <= bound.unfilled or (cut == 0 and status == "OPTIMAL")):
             proven = True
             break
+        if cut == 0:
+            break
+        free = min(n, max(free * FREE_GROWTH, free + 1))
     if best is None:
         callback.emit(force=True)
         return Plan(status="UNKNOWN", solve_seconds=time.monotonic() - started,
