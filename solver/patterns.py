@@ -77,11 +77,15 @@ SEED_TRIES = 8
 MAX_STEP_LITERALS = 60_000
 #: When CP-SAT misses the bound, the next attempt frees this many times more lines.
 FREE_GROWTH = 3
+#: Share of the time left for an integer attempt that is not the last.
+STEP_SHARE = 0.25
 #: The dive stops when this many lines are left for CP-SAT.
 DIVE_FREE_LINES = 12
 #: Improving patterns per pricing call whose one-term changes are tried as columns too.
 NEIGHBOUR_SOURCES = 3
 MAX_NEIGHBOURS = 40
+#: Time for splitting one repeated class into teams.
+SPLIT_SECONDS = 5.0
 #: Scale of the duals in the CP-SAT pricing objective (integers only there).
 PRICE_SCALE = 1_000_000
 
@@ -159,6 +163,8 @@ class Master:
     ) -> None:
         self.n = n
         self.lp = pywraplp.Solver.CreateSolver("GLOP")
+        # Bounds change between solves (the dive): dual simplex restarts from the last basis.
+        self.lp.SetSolverSpecificParametersAsString("use_dual_simplex: true")
         inf = self.lp.infinity()
         self.big = float(n_terms + 1)
         self.objective = self.lp.Objective()
@@ -331,12 +337,15 @@ def _rule_violations(problem: Problem, rotations: dict[str, str]) -> list[str]:
 def to_teams(cls: Classes, class_rows: list[list[int]]) -> list[list[int]] | None:
     """Team index per (line, term): counts split minima first, no team twice on a line.
 
-    None when a line repeats a class and its teams cannot be told apart in time (then the
-    caller falls back to the line model).
+    A class that no line takes twice is split greedily (each team to its minimum, then up to
+    its maximum); a class some line repeats is split by a small CP-SAT model, because the
+    split must give that line distinct teams. None when no split exists (the caller then
+    falls back to the line model).
     """
     problem = cls.problem
     dm = problem.demand_map()
-    counts = Counter((c, t) for row in class_rows for t, c in enumerate(row))
+    repeated = {c for row in class_rows for c, n in Counter(row).items() if n > 1}
+    counts = Counter((c, t) for row in class_rows for t, c in enumerate(row) if c not in repeated)
     quota: dict[tuple[int, int], int] = {}
     for (c, t), n in counts.items():
         term_id = problem.terms[t].id
@@ -354,20 +363,62 @@ def to_teams(cls: Classes, class_rows: list[list[int]]) -> list[list[int]] | Non
         if left > 0:
             return None
     out: list[list[int]] = [[-1] * len(problem.terms) for _ in class_rows]
-    # Lines that repeat a class first: they have the fewest choices.
-    order = sorted(range(len(class_rows)),
-                   key=lambda ln: -max(Counter(class_rows[ln]).values()))
-    for ln in order:
-        used: set[int] = set()
-        for t, c in enumerate(class_rows[ln]):
-            options = [k for k in cls.members[c] if quota.get((k, t), 0) > 0 and k not in used]
-            if not options:
-                return None
-            k = max(options, key=lambda team: quota[team, t])
+    for ln, row in enumerate(class_rows):
+        for t, c in enumerate(row):
+            if c in repeated:
+                continue
+            k = max((k for k in cls.members[c] if quota.get((k, t), 0) > 0),
+                    key=lambda team: quota[team, t])
             quota[k, t] -= 1
-            used.add(k)
             out[ln][t] = k
+    for c in sorted(repeated):
+        if not _split_repeated(cls, c, class_rows, out):
+            return None
     return out
+
+
+def _split_repeated(
+    cls: Classes, c: int, class_rows: list[list[int]], out: list[list[int]]
+) -> bool:
+    """Teams for every cell of class `c`: distinct on each line, fewest positions unfilled."""
+    problem = cls.problem
+    dm = problem.demand_map()
+    model = cp_model.CpModel()
+    cells = [(ln, t) for ln, row in enumerate(class_rows) for t, cc in enumerate(row) if cc == c]
+    y: dict[tuple[int, int], cp_model.IntVar] = {}
+    for i, (_ln, t) in enumerate(cells):
+        ks = [k for k in cls.members[c] if (problem.teams[k].id, problem.terms[t].id) in dm]
+        for k in ks:
+            y[i, k] = model.new_bool_var(f"y[{i},{k}]")
+        model.add_exactly_one(y[i, k] for k in ks)
+    by_line: dict[tuple[int, int], list[cp_model.IntVar]] = {}
+    by_cell: dict[tuple[int, int], list[cp_model.IntVar]] = {}
+    for (i, k), v in y.items():
+        ln, t = cells[i]
+        by_line.setdefault((ln, k), []).append(v)
+        by_cell.setdefault((k, t), []).append(v)
+    for vs in by_line.values():
+        model.add_at_most_one(vs)
+    shorts = []
+    for (k, t), vs in by_cell.items():
+        d = dm[problem.teams[k].id, problem.terms[t].id]
+        model.add(sum(vs) <= d.max)
+        if d.min > 0:
+            short = model.new_int_var(0, d.min, f"short[{k},{t}]")
+            model.add(sum(vs) + short >= d.min)
+            shorts.append(short)
+    model.minimize(sum(shorts))
+    solver = cp_model.CpSolver()
+    solver.parameters.num_workers = 1
+    solver.parameters.max_time_in_seconds = SPLIT_SECONDS
+    solver.parameters.catch_sigint_signal = False
+    if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return False
+    for (i, k), v in y.items():
+        if solver.boolean_value(v):
+            ln, t = cells[i]
+            out[ln][t] = k
+    return True
 
 
 def improve_fairness(
@@ -521,7 +572,9 @@ def _dive(
     n = cls.problem.n_job_lines
     lower = [0] * len(master.columns)
     batch_cap = max(1, n // 20)
+    rounds = undone = 0
     while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
+        rounds += 1
         lower.extend([0] * (len(master.columns) - len(lower)))
         left = n - sum(lower)
         if left <= DIVE_FREE_LINES:
@@ -543,6 +596,7 @@ def _dive(
             for j in step:
                 master.vars[j].SetLb(lower[j])
             master.solve()
+            undone += 1
             if len(step) == 1:
                 break  # even one more line makes the LP worse: CP-SAT takes it from here
             batch_cap = 1
@@ -551,8 +605,8 @@ def _dive(
             lower[j] = lb
     fixed = [list(p) for j, p in enumerate(master.columns[: len(lower)])
              for _ in range(lower[j])]
-    logger.debug("dive: {} lines fixed, {} left, LP {:.3f}", len(fixed), n - len(fixed),
-                 master.value)
+    logger.debug("dive: {} lines fixed, {} left, LP {:.3f}, {} rounds ({} undone)", len(fixed),
+                 n - len(fixed), master.value, rounds, undone)
     return fixed
 
 
@@ -581,6 +635,7 @@ def _integer_step(
     used = Counter((c, t) for row in fixed for t, c in enumerate(row))
     sub = cls.class_problem(r, used)
     lm = build(sub, multiplicity=cls.multiplicity)
+    logger.debug("integer step: model for {} lines built", r)
     unfilled = unfilled_expr(lm)
     lm.model.minimize(unfilled)
     pos = [{k: i for i, k in enumerate(ks)} for ks in lm.teams_by_term]
@@ -633,7 +688,6 @@ def solve_patterns(
     master = Master(cls.cells, problem.n_job_lines, n_terms)
     pricing = Pricing(cls, num_workers)
     callback.bound_scale = w_unfilled
-    callback.emit(force=True)
     # Seed the LP with the greedy construction's lines (as class patterns): measured at 1,000
     # lines and 107 classes, column generation from an empty master had not converged after
     # 30 s; seeded, it converged in two iterations (docs/solver.md).
@@ -641,6 +695,14 @@ def solve_patterns(
                        tries=SEED_TRIES, partial=True) or []
     for row in seeded:
         master.add(tuple(row))
+    if len(seeded) == problem.n_job_lines:
+        # A complete plan already (over classes; every tier reads only class attributes).
+        sub = cls.class_problem(problem.n_job_lines)
+        tiers = evaluate(sub, categories, seeded)
+        callback.external_solution(float(
+            w_unfilled * tiers["unfilled_positions"] + weights["fairness"] * sum(
+                max(0, v - 1) for k, v in tiers.items() if k.startswith("fairness_"))))
+    callback.emit(force=True)
     logger.debug("patterns model: {} seed lines, {} columns, {:.2f}s", len(seeded),
                  len(master.columns), time.monotonic() - started)
     bound = _column_generation(master, pricing, started + limit * CG_SHARE, callback, stop)
@@ -653,6 +715,7 @@ def solve_patterns(
                  len(master.columns), master.value, bound.unfilled,
                  "converged" if bound.converged else "not converged", time.monotonic() - started)
     fixed = _dive(cls, master, pricing, started + limit * DIVE_SHARE, callback, stop)
+    logger.debug("dive done at {:.2f}s", time.monotonic() - started)
     n = problem.n_job_lines
     tail = _free_hint(master, fixed, n - len(fixed))
     best: tuple[list[list[int]], int] | None = None
@@ -668,10 +731,16 @@ def solve_patterns(
             logger.debug("integer step with {} free lines: {} literals, too large", free,
                          literals)
             break
-        hint = [tuple(r) for r in fixed[cut:]] + tail
+        if best is not None:
+            # The previous attempt's plan, restricted to the lines now free, is a complete
+            # hint with its own unfilled count: CP-SAT starts from it and can only improve.
+            hint = [tuple(r) for r in best[0][cut:]]
+        else:
+            hint = [tuple(r) for r in fixed[cut:]] + tail
         last = cut == 0 or free * FREE_GROWTH * len(cls.cells) > MAX_STEP_LITERALS
-        # Each attempt but the last gets half of the time left.
-        share = deadline - now if last else (deadline - now) / 2
+        # Small residuals often have no exact completion, which CP-SAT may take long to
+        # prove: the first attempts get a short slice, the last one the rest.
+        share = deadline - now if last else (deadline - now) * STEP_SHARE
         rows, missing, status = _integer_step(cls, fixed[:cut], hint, now + max(share, 0.5),
                                               callback, stop, num_workers, w_unfilled)
         logger.debug("integer step, {} free lines: {} unfilled ({}), {:.2f}s", free, missing,
