@@ -128,6 +128,9 @@ def register(app: typer.Typer) -> None:
                                                help="Memory cap of the solver (MiB).")] = 2048,
         deterministic: Annotated[bool, typer.Option(
             "--deterministic", help="One worker, fixed seed: reproducible plans.")] = False,
+        model: Annotated[str | None, typer.Option(
+            "--model", help="lines (one variable per line x term x team) or patterns "
+            "(column generation over classes of interchangeable teams).")] = None,
     ) -> None:
         """Solve a problem in a child process, with live progress; Ctrl-C stops gracefully."""
         loaded = load_problem(problem_path)
@@ -143,6 +146,12 @@ def register(app: typer.Typer) -> None:
             updates["seed"] = seed
         if deterministic:
             updates["deterministic"] = True
+        if model is not None:
+            if model not in ("lines", "patterns"):
+                console.print(f"[red]unknown model {model!r}:[/] use --model lines or "
+                              "--model patterns")
+                raise typer.Exit(EXIT_INVALID)
+            updates["model"] = model
         problem = loaded.model_copy(
             update={"options": loaded.options.model_copy(update=updates)})
         try:

@@ -76,3 +76,22 @@ def test_cli_generates_tight_instances(tmp_path: Path) -> None:
     problem = Problem.model_validate(json.loads(out.read_text()))
     for term in problem.terms:
         assert sum(d.min for d in problem.demand if d.term == term.id) == 20
+
+
+def test_cli_solves_a_tight_instance_with_the_patterns_model(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    problem, plan = tmp_path / "tight.json", tmp_path / "plan.json"
+    r = runner.invoke(app, ["generate-instance", "--lines", "30", "--terms", "5", "--teams",
+                            "30", "--rule-set", "VIC_PGY1", "--seed", "4", "--tight",
+                            "-o", str(problem)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["solve", str(problem), "-o", str(plan), "--model", "columns"])
+    assert r.exit_code == 2 and "--model lines or --model patterns" in r.output
+    r = runner.invoke(app, ["solve", str(problem), "-o", str(plan), "--model", "patterns",
+                            "--deterministic", "--time-limit", "20"])
+    assert r.exit_code == 0, r.output
+    saved = Plan.model_validate_json(plan.read_text())
+    assert saved.unfilled == [] and len(saved.lines) == 30
+    assert validate_plan(Problem.model_validate_json(problem.read_text()), saved) == []
