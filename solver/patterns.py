@@ -691,8 +691,10 @@ def solve_patterns(
     # Seed the LP with the greedy construction's lines (as class patterns): measured at 1,000
     # lines and 107 classes, column generation from an empty master had not converged after
     # 30 s; seeded, it converged in two iterations (docs/solver.md).
-    seeded = construct(cls.class_problem(problem.n_job_lines), seed=problem.options.seed,
-                       tries=SEED_TRIES, partial=True) or []
+    seeded: list[list[int]] = []
+    if problem.options.construction != "off":  # "off": column generation from scratch
+        seeded = construct(cls.class_problem(problem.n_job_lines), seed=problem.options.seed,
+                           tries=SEED_TRIES, partial=True) or []
     for row in seeded:
         master.add(tuple(row))
     if len(seeded) == problem.n_job_lines:
