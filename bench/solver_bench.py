@@ -1,6 +1,13 @@
 """Solver benchmark: our CP-SAT model vs a naive CP-SAT model vs a plain MIP (HiGHS).
 
 Run: .venv/bin/python bench/solver_bench.py [--quick]
+     .venv/bin/python bench/solver_bench.py --tight [--sizes 125,250] [--seeds 1,2] [--cap 60]
+         [--site-subspecialties] [--no-highs]
+
+`--tight` runs the tight instances of issue 12 (planted plan, every used cell's min = its
+planted count, max = it or one more) with the patterns model, today's line model and plain
+CP-SAT (and HiGHS unless --no-highs) side by side in the same run, each capped at `--cap`
+seconds and 4 GiB of address space (a capped baseline counts as a loss).
 
 Prints one table. Every run happens in a fresh child process so "peak memory" is that run's
 own peak resident set. Times are wall-clock seconds measured inside the solving process
@@ -49,22 +56,33 @@ def _peak_mb() -> float:
 # ------------------------------------------------------------------------- our solver
 
 
-def run_ours(problem_json: str, symmetry: str, construction: str) -> dict[str, Any]:
+MEMORY_CAP_MB = 4096
+
+
+def _cap_memory() -> None:
+    """The baselines' 4 GiB cap (address space, like the solver child's own cap)."""
+    cap = MEMORY_CAP_MB * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def run_ours(problem_json: str, symmetry: str, construction: str,
+             model: str = "lines") -> dict[str, Any]:
     """Our solver, through the production child-process path (start_solve)."""
     from solver.process import start_solve
 
     problem = Problem.model_validate_json(problem_json)
     problem = problem.model_copy(update={"options": problem.options.model_copy(
-        update={"symmetry": symmetry, "construction": construction})})
+        update={"symmetry": symmetry, "construction": construction, "model": model})})
 
     async def go() -> dict[str, Any]:
-        handle = start_solve(problem, num_workers=WORKERS)
+        handle = start_solve(problem, num_workers=WORKERS, memory_limit_mb=MEMORY_CAP_MB)
         first = None
         async for p in handle.progress():
             if first is None and p.solutions:
                 first = p.elapsed_ms / 1000
         plan = await handle.result()
-        return {"status": plan.status, "first_s": first,
+        return {"status": plan.status, "first_s": first, "seconds": plan.solve_seconds,
+                "unfilled": sum(u.missing for u in plan.unfilled) if plan.lines else None,
                 "optimal_s": plan.solve_seconds if plan.status == "OPTIMAL" else None,
                 "objective": plan.objective, "gap": plan.gap, "peak_mb": plan.peak_memory_mb,
                 "plan": plan.model_dump()}
@@ -79,8 +97,9 @@ def run_naive(problem_json: str) -> dict[str, Any]:
     """Same constraints, no symmetry breaking, no greedy hint, one weighted solve."""
     from ortools.sat.python import cp_model
 
-    from solver.model import build
+    from solver.model import build, unfilled_expr
 
+    _cap_memory()
     problem = Problem.model_validate_json(problem_json)
     problem = problem.model_copy(update={"options": problem.options.model_copy(
         update={"symmetry": "none"})})
@@ -102,6 +121,8 @@ def run_naive(problem_json: str) -> dict[str, Any]:
     obj = solver.objective_value if found else None
     gap = (abs(obj - solver.best_objective_bound) / max(1.0, abs(obj))) if obj is not None else None
     return {"status": name, "first_s": first[0] if first else None,
+            "seconds": time.monotonic() - started,
+            "unfilled": round(solver.value(unfilled_expr(lm))) if found else None,
             "optimal_s": time.monotonic() - started if name == "OPTIMAL" else None,
             "objective": obj, "gap": gap, "peak_mb": _peak_mb()}
 
@@ -117,6 +138,7 @@ def run_mip(problem_json: str) -> dict[str, Any]:
     from solver.problem import LEAVE, NIGHTS
     from solver.rules import LONG_TERM_WEEKS, combine, pct_cap, pct_floor
 
+    _cap_memory()
     problem = Problem.model_validate_json(problem_json)
     started = time.monotonic()
     spec = combine(problem.rule_sets)
@@ -252,8 +274,13 @@ def run_mip(problem_json: str) -> dict[str, Any]:
     has_sol = info.primal_solution_status == 2
     obj = info.objective_function_value if has_sol else None
     optimal = status == "Optimal"
+    unfilled = None
+    if has_sol:
+        values = h.getSolution().col_value
+        unfilled = round(sum(values[j] for j in shorts))
     return {"status": "OPTIMAL" if optimal else ("FEASIBLE" if has_sol else status.upper()),
             "first_s": first[0] if first else None,
+            "seconds": time.monotonic() - started, "unfilled": unfilled,
             "optimal_s": time.monotonic() - started if optimal else None,
             "objective": obj, "gap": info.mip_gap if has_sol else None, "peak_mb": _peak_mb(),
             "note": f"{ncol} cols, {len(rows)} rows"}
@@ -301,10 +328,78 @@ def fmt(v: float | None, pattern: str = "{:.2f}") -> str:
     return "-" if v is None else pattern.format(v)
 
 
+TIGHT_SHAPES = {  # lines -> (terms, teams, rule sets), the issue's instances
+    125: (4, 60, ["VIC_PGY2", "NO_NIGHTS", "NO_CONSECUTIVE_SERVICE"]),
+    250: (5, 83, ["VIC_PGY1", "MAX_ONE_RURAL"]),
+    500: (5, 167, ["VIC_PGY1", "MAX_ONE_RURAL"]),
+    1000: (5, 333, ["VIC_PGY1", "MAX_ONE_RURAL"]),
+    2000: (5, 667, ["VIC_PGY1", "MAX_ONE_RURAL"]),
+}
+
+
+def tight(args: argparse.Namespace) -> None:
+    """The tight instances: patterns vs lines vs plain CP-SAT (vs HiGHS), same run."""
+    from solver.generate import generate as gen
+
+    started = time.monotonic()
+    out: list[str] = []
+    head = (f"| {'instance':66} | {'approach':14} | {'status':10} | {'first s':>7} | "
+            f"{'end s':>6} | {'unfilled':>8} | {'peak MiB':>8} |")
+    out.append(head)
+    out.append("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
+    for size in [int(x) for x in args.sizes.split(",")]:
+        terms, teams, rule_sets = TIGHT_SHAPES[size]
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            problem = gen(lines=size, terms=terms, teams=teams, rule_sets=rule_sets, seed=seed,
+                          tight=True, site_subspecialties=args.site_subspecialties)
+            problem = problem.model_copy(update={"options": problem.options.model_copy(
+                update={"time_limit_seconds": args.cap})})
+            pj = problem.model_dump_json()
+            from solver.patterns import make_classes
+
+            classes = len(make_classes(problem).members)
+            label = (f"{size} {'+'.join(rule_sets)} s{seed} ({len(problem.teams)} teams, "
+                     f"{classes} cl)")
+            runs: list[tuple[str, Any, tuple[Any, ...]]] = [
+                ("patterns", run_ours, (pj, "first_term", "full", "patterns")),
+                ("lines (today)", run_ours, (pj, "first_term", "full", "lines")),
+                ("plain cpsat", run_naive, (pj,)),
+            ]
+            if not args.no_highs:
+                runs.append(("highs mip", run_mip, (pj,)))
+            for name, fn, fargs in runs:
+                if name != "patterns" and size > args.baseline_max:
+                    out.append(f"| {label:66} | {name:14} | {'not run':10} | {'-':>7} | "
+                               f"{'-':>6} | {'-':>8} | {'-':>8} |")
+                    continue
+                r = isolated(fn, *fargs)
+                print(f"  done {label} / {name}: {r['status']}", file=sys.stderr, flush=True)
+                out.append(f"| {label:66} | {name:14} | {r['status'][:10]:10} | "
+                           f"{fmt(r['first_s']):>7} | {fmt(r.get('seconds')):>6} | "
+                           f"{fmt(r.get('unfilled'), '{:d}'):>8} | "
+                           f"{fmt(r['peak_mb'], '{:.0f}'):>8} |")
+    for line in out:
+        print(line)
+    print(f"workers per run: {WORKERS}; cap {args.cap:g} s and {MEMORY_CAP_MB} MiB per run; "
+          f"total bench time {time.monotonic() - started:.0f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="60 and 125 lines only, 15 s limits")
+    ap.add_argument("--tight", action="store_true", help="the tight instances of issue 12")
+    ap.add_argument("--sizes", default="125,250,500,1000", help="tight: line counts")
+    ap.add_argument("--seeds", default="1,2,3", help="tight: generator seeds")
+    ap.add_argument("--cap", type=float, default=120.0, help="tight: seconds per run")
+    ap.add_argument("--baseline-max", type=int, default=1000,
+                    help="tight: largest size the baselines run at")
+    ap.add_argument("--site-subspecialties", action="store_true",
+                    help="tight: subspecialties distinct per site (more classes)")
+    ap.add_argument("--no-highs", action="store_true", help="tight: leave HiGHS out")
     args = ap.parse_args()
+    if args.tight:
+        tight(args)
+        return
     specs = [("60 VIC_PGY1", 60, 5, 45, ["VIC_PGY1"], 30.0),
              ("125 VIC_PGY1", 125, 5, 60, ["VIC_PGY1"], 30.0),
              ("250 VIC_PGY1", 250, 5, 90, ["VIC_PGY1"], 60.0),

@@ -128,6 +128,9 @@ def register(app: typer.Typer) -> None:
                                                help="Memory cap of the solver (MiB).")] = 2048,
         deterministic: Annotated[bool, typer.Option(
             "--deterministic", help="One worker, fixed seed: reproducible plans.")] = False,
+        model: Annotated[str | None, typer.Option(
+            "--model", help="lines (one variable per line x term x team) or patterns "
+            "(column generation over classes of interchangeable teams).")] = None,
     ) -> None:
         """Solve a problem in a child process, with live progress; Ctrl-C stops gracefully."""
         loaded = load_problem(problem_path)
@@ -143,6 +146,12 @@ def register(app: typer.Typer) -> None:
             updates["seed"] = seed
         if deterministic:
             updates["deterministic"] = True
+        if model is not None:
+            if model not in ("lines", "patterns"):
+                console.print(f"[red]unknown model {model!r}:[/] use --model lines or "
+                              "--model patterns")
+                raise typer.Exit(EXIT_INVALID)
+            updates["model"] = model
         problem = loaded.model_copy(
             update={"options": loaded.options.model_copy(update=updates)})
         try:
@@ -188,15 +197,22 @@ def register(app: typer.Typer) -> None:
         rule_set: Annotated[list[str], typer.Option("--rule-set", help=_RULE_HELP)],
         output: Annotated[Path, typer.Option("-o", "--output")],
         seed: Annotated[int, typer.Option("--seed")] = 0,
+        tight: Annotated[bool, typer.Option(
+            "--tight", help="min = planted count, max = it or one more, for every used cell "
+            "(zero shortfall is an exact cover).")] = False,
+        site_subspecialties: Annotated[bool, typer.Option(
+            "--site-subspecialties", help="Subspecialties distinct per site (more classes of "
+            "interchangeable teams).")] = False,
     ) -> None:
         """Write a realistic synthetic problem that is feasible by construction."""
         try:
             problem = generate(lines=lines, terms=terms, teams=teams, rule_sets=rule_set,
-                               seed=seed)
+                               seed=seed, tight=tight, site_subspecialties=site_subspecialties)
         except ValueError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(EXIT_INVALID) from None
         output.write_text(json.dumps(problem.model_dump(mode="json", exclude_none=True),
                                      indent=1) + "\n")
         typer.echo(f"{output}: {lines} lines, {terms} terms, {len(problem.teams)} teams, "
-                   f"{len(problem.demand)} demand rows, rule sets {', '.join(rule_set)}")
+                   f"{len(problem.demand)} demand rows, rule sets {', '.join(rule_set)}"
+                   + (" (tight)" if tight else ""))

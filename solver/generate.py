@@ -5,6 +5,15 @@ selected rule set (checked with the independent validator's per-line check), the
 (team, term) demand from how many witness lines use it, with a little slack either side. The
 solver may find a different, fairer plan, but it can never be told "infeasible" on a default
 instance.
+
+Tight mode (`tight=True`, issue 12): the witness lines are a *planted* plan, and every (team,
+term) cell the plan uses gets `min` = its planted count and `max` = that count or one more. Every
+term's minimums then add up to the number of lines, so a plan without unfilled positions must
+sit exactly on every minimum (an exact cover): the instances where the search, not the greedy
+construction, has to do the work. Cells the planted plan does not use keep the default mode's
+small optional rows. `site_subspecialties=True` makes a subspecialty distinct per site
+("cardiology @ MMC"), which multiplies the classes of interchangeable teams. Both are
+deterministic by seed like the default mode.
 """
 
 from __future__ import annotations
@@ -77,7 +86,9 @@ def term_weeks(n_terms: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(n_terms)]
 
 
-def make_teams(n_teams: int, rng: random.Random, *, non_clinical: bool) -> list[Team]:
+def make_teams(
+    n_teams: int, rng: random.Random, *, non_clinical: bool, site_subspecialties: bool = False
+) -> list[Team]:
     """About 10 % service teams (relief, nights, leave), ~10 % rural, the rest clinical units."""
     n_service = max(3, n_teams // 10)
     n_nonclin = 2 if non_clinical else 0
@@ -87,9 +98,10 @@ def make_teams(n_teams: int, rng: random.Random, *, non_clinical: bool) -> list[
     def add(unit: _Unit, copy: int, rural: bool) -> None:
         suffix = chr(ord("A") + copy)
         site = rng.choice(_RURAL_SITES if rural else _SITES)
+        sub = f"{unit.subspecialty} @ {site}" if site_subspecialties else unit.subspecialty
         teams.append(Team(
             id=f"{unit.code}-{suffix}", name=f"{unit.name} {suffix}", specialty=unit.specialty,
-            subspecialty=unit.subspecialty, kind=unit.kind,  # type: ignore[arg-type]
+            subspecialty=sub, kind=unit.kind,  # type: ignore[arg-type]
             experiences=list(unit.experiences), site=site, rural=rural, tags=list(unit.tags),
         ))
 
@@ -124,9 +136,21 @@ def _witness_line(
 
 def generate(
     *, lines: int, terms: int, teams: int, rule_sets: list[str], seed: int = 0,
-    time_limit_seconds: float = 30.0,
+    time_limit_seconds: float = 30.0, tight: bool = False, site_subspecialties: bool = False,
 ) -> Problem:
-    """A feasible, realistic problem (see module docstring)."""
+    """A feasible, realistic problem (see module docstring for `tight`)."""
+    problem, _planted = generate_planted(
+        lines=lines, terms=terms, teams=teams, rule_sets=rule_sets, seed=seed,
+        time_limit_seconds=time_limit_seconds, tight=tight,
+        site_subspecialties=site_subspecialties)
+    return problem
+
+
+def generate_planted(
+    *, lines: int, terms: int, teams: int, rule_sets: list[str], seed: int = 0,
+    time_limit_seconds: float = 30.0, tight: bool = False, site_subspecialties: bool = False,
+) -> tuple[Problem, list[dict[str, str]]]:
+    """The problem and the planted (witness) lines it was derived from, as rotations."""
     for code in rule_sets:
         if code not in SPECS:
             raise ValueError(f"unknown rule set {code!r}")
@@ -136,7 +160,8 @@ def generate(
     term_list = [Term(id=f"T{i + 1}", name=f"Term {i + 1}", weeks=w)
                  for i, w in enumerate(term_weeks(terms))]
     needs_nonclinical = any(SPECS[c].max_non_clinical_terms is not None for c in rule_sets)
-    team_list = make_teams(teams, rng, non_clinical=needs_nonclinical)
+    team_list = make_teams(teams, rng, non_clinical=needs_nonclinical,
+                           site_subspecialties=site_subspecialties)
     # A probe problem with every team in every term lets the validator's per-line rule check
     # run on candidate witness lines.
     probe = Problem(
@@ -145,6 +170,7 @@ def generate(
                 for tm in team_list for tr in term_list],
     )
     load: Counter[tuple[int, int]] = Counter()
+    planted: list[dict[str, str]] = []
     for _ in range(lines):
         chosen = _witness_line(term_list, team_list, rule_sets, load, rng, probe)
         if chosen is None:
@@ -152,6 +178,7 @@ def generate(
                              f"{rule_sets}; try more teams")
         for t, k in enumerate(chosen):
             load[k, t] += 1
+        planted.append({term_list[t].id: team_list[k].id for t, k in enumerate(chosen)})
     demand: list[Demand] = []
     for t, term in enumerate(term_list):
         for k, team in enumerate(team_list):
@@ -160,10 +187,14 @@ def generate(
                 if team.has_tag(NIGHTS) or rng.random() < 0.15:
                     demand.append(Demand(team=team.id, term=term.id, min=0, max=rng.randint(1, 2)))
                 continue
-            low = c - (1 if c >= 3 and rng.random() < 0.5 else 0)
-            high = c + rng.choice((0, 1, 1, 2))
+            if tight:
+                low, high = c, c + rng.choice((0, 1))
+            else:
+                low = c - (1 if c >= 3 and rng.random() < 0.5 else 0)
+                high = c + rng.choice((0, 1, 1, 2))
             demand.append(Demand(team=team.id, term=term.id, min=low, max=high))
-    return Problem(
+    problem = Problem(
         terms=term_list, teams=team_list, demand=demand, n_job_lines=lines, rule_sets=rule_sets,
         options=Options(time_limit_seconds=time_limit_seconds, seed=seed),
     )
+    return problem, planted

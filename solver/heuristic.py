@@ -32,8 +32,14 @@ class _TeamInfo:
     leave: bool
 
 
-def construct(problem: Problem, *, seed: int = 0, tries: int = 300) -> list[list[int]] | None:
-    """Team index per (line, term), or None when the greedy gets stuck."""
+def construct(
+    problem: Problem, *, seed: int = 0, tries: int = 300, partial: bool = False
+) -> list[list[int]] | None:
+    """Team index per (line, term), or None when the greedy gets stuck.
+
+    `partial=True` returns the lines built before it got stuck instead (the patterns model
+    seeds its LP with them), without the repair pass.
+    """
     rng = random.Random(seed)
     spec = combine(problem.rule_sets)
     total = problem.total_weeks
@@ -169,6 +175,8 @@ def construct(problem: Problem, *, seed: int = 0, tries: int = 300) -> list[list
                 built = line
                 break
         if built is None:
+            if partial:
+                return [p for p in plan if p is not None]
             return None
         commit(built)
         plan[ln] = [built[t] for t in range(n_terms)]

@@ -65,6 +65,10 @@ class LineModel:
     teams_by_term: list[list[int]] = field(default_factory=list)
     #: line -> [(term index, team index, literal)]
     by_line: dict[int, list[tuple[int, int, Lit]]] = field(default_factory=dict)
+    #: team index -> how many terms of one line may take it (None: 1 each). The patterns
+    #: model (`solver.patterns`) builds this model over *classes* of interchangeable teams,
+    #: where a class of three teams may appear in up to three terms of a line.
+    multiplicity: list[int] | None = None
 
     @property
     def n_lines(self) -> int:
@@ -173,9 +177,13 @@ def add_no_repeat(m: LineModel) -> None:
         per_team: dict[int, list[Lit]] = {}
         for _t, k, v in m.by_line[line]:
             per_team.setdefault(k, []).append(v)
-        for vs in per_team.values():
-            if len(vs) > 1:
-                m.add(m.model.add_at_most_one(vs), "no_repeat")
+        for k, vs in per_team.items():
+            cap = 1 if m.multiplicity is None else m.multiplicity[k]
+            if len(vs) > cap:
+                if cap == 1:
+                    m.add(m.model.add_at_most_one(vs), "no_repeat")
+                else:
+                    m.add(m.model.add(sum(vs) <= cap), "no_repeat")
 
 
 def add_capacity(m: LineModel) -> None:
@@ -494,17 +502,26 @@ def unfilled_expr(m: LineModel) -> cp_model.LinearExprT:
     return sum(m.shortfall.values())
 
 
-def set_objective(m: LineModel) -> None:
-    """Lexicographic tiers folded into one weighted sum (weights make each tier dominate).
+def fairness_categories(problem: Problem) -> list[str]:
+    """The fairness categories the objective counts (present in the problem, option on)."""
+    if not problem.options.fairness or problem.n_job_lines < 2:
+        return []
+    out = []
+    for name, pred in FAIRNESS_CATEGORIES.items():
+        assert callable(pred)
+        if any(pred(team) for team in problem.teams):
+            out.append(name)
+    return out
+
+
+def tier_weights(problem: Problem, n_categories: int, change_max: int) -> dict[str, int]:
+    """Weights that fold the lexicographic tiers into one sum (each dominates the next).
 
     unfilled positions  >  fairness spreads  >  changed cells   (stability "prefer"/"off")
     unfilled positions  >  changed cells     >  fairness spreads (stability "strict")
     """
-    unfilled = unfilled_expr(m)
-    fairness = sum(m.excess.values())
-    fair_max = len(m.excess) * len(m.problem.terms)
-    change_max = m.changed_max
-    if m.problem.options.stability == "strict":
+    fair_max = n_categories * len(problem.terms)
+    if problem.options.stability == "strict":
         w_fair = 1
         w_change = fair_max + 1
         w_unfilled = w_change * (change_max + 1)
@@ -512,17 +529,33 @@ def set_objective(m: LineModel) -> None:
         w_change = 1
         w_fair = change_max + 1
         w_unfilled = w_fair * (fair_max + 1)
-    m.weights = {"unfilled": w_unfilled, "fairness": w_fair, "changed_cells": w_change}
+    return {"unfilled": w_unfilled, "fairness": w_fair, "changed_cells": w_change}
+
+
+def set_objective(m: LineModel) -> None:
+    """Lexicographic tiers folded into one weighted sum (`tier_weights`)."""
+    unfilled = unfilled_expr(m)
+    fairness = sum(m.excess.values())
+    m.weights = tier_weights(m.problem, len(m.excess), m.changed_max)
+    w_unfilled, w_fair, w_change = (m.weights[k] for k in ("unfilled", "fairness",
+                                                           "changed_cells"))
     m.objective = cp_model.LinearExpr.weighted_sum(
         [unfilled, fairness, m.changed], [w_unfilled, w_fair, w_change]
     )
     m.model.minimize(m.objective)
 
 
-def build(problem: Problem, *, guarded: bool = False) -> LineModel:
-    """Build the model. `guarded=True` builds the explanation variant (no objective)."""
+def build(
+    problem: Problem, *, guarded: bool = False, multiplicity: list[int] | None = None
+) -> LineModel:
+    """Build the model. `guarded=True` builds the explanation variant (no objective).
+
+    `multiplicity` (team index -> how many terms of a line may take it) is for the patterns
+    model's class problems; the default, one term per team, is the rule for real teams.
+    """
     m = LineModel(problem=problem, spec=combine(problem.rule_sets), model=cp_model.CpModel())
     m.guarded = guarded
+    m.multiplicity = multiplicity
     add_cells(m)
     for family in RULE_FAMILIES:
         family(m)

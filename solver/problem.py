@@ -10,6 +10,7 @@ surface as `pydantic.ValidationError`.
 from __future__ import annotations
 
 from collections import Counter
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -115,6 +116,10 @@ class Options(_Strict):
     construction: Literal["full", "hint_only", "off"] = "full"
     #: weight the fairness tier (spread of service, nights and rural terms across lines).
     fairness: bool = True
+    #: "lines": one Boolean per line x term x team (`solver.model`), the baseline;
+    #: "patterns": column generation over classes of interchangeable teams
+    #: (`solver.patterns`, docs/solver.md), for large and tight allocations.
+    model: Literal["lines", "patterns"] = "lines"
 
 
 class Problem(_Strict):
@@ -177,10 +182,20 @@ class Problem(_Strict):
 
     # Convenience look-ups used by the model, the validator and the explanations.
     def term(self, term_id: str) -> Term:
-        return next(t for t in self.terms if t.id == term_id)
+        return self._term_by_id[term_id]
 
     def team(self, team_id: str) -> Team:
-        return next(t for t in self.teams if t.id == team_id)
+        return self._team_by_id[team_id]
+
+    # Built once per (frozen) problem: the validator and the generator look teams up per cell,
+    # and a linear scan made generating a 1,000-line instance take minutes.
+    @cached_property
+    def _term_by_id(self) -> dict[str, Term]:
+        return {t.id: t for t in self.terms}
+
+    @cached_property
+    def _team_by_id(self) -> dict[str, Team]:
+        return {t.id: t for t in self.teams}
 
     @property
     def total_weeks(self) -> int:

@@ -270,6 +270,11 @@ def solve(
     trades fractional shortfall against fairness); with unfilled fixed, the fairness bound
     follows by propagation.
     """
+    if problem.options.model == "patterns":
+        from solver.patterns import solve_patterns  # imports this module
+
+        return solve_patterns(problem, on_progress=on_progress, stop=stop,
+                              num_workers=num_workers)
     started = time.monotonic()
     limit = problem.options.time_limit_seconds
     lm = build(problem)
@@ -288,7 +293,7 @@ def solve(
     if greedy is not None:
         _hint_rows(lm, greedy[0])
         logger.debug("greedy hint: {} unfilled", greedy[1])
-        tiers = _tier_totals(evaluate(problem, lm, greedy[0]))
+        tiers = _tier_totals(evaluate(problem, list(lm.spreads), greedy[0]))
         greedy_objective = float(sum(lm.weights[k] * v for k, v in tiers.items()))
         callback.external_solution(greedy_objective)
     status: Status
@@ -348,9 +353,32 @@ def solve(
     else:
         callback.emit(force=True)
         return Plan(status=status, solve_seconds=elapsed, solutions=callback.solutions)
-    tiers = evaluate(problem, lm, rows)
-    objective = float(sum(lm.weights[k] * v for k, v in _tier_totals(tiers).items()))
-    bound = objective if status == "OPTIMAL" else min(objective, callback.bound or 0.0)
+    return plan_from_rows(problem, rows, status=status, weights=lm.weights,
+                          categories=list(lm.spreads), callback=callback, started=started)
+
+
+def plan_from_rows(
+    problem: Problem,
+    rows: list[list[int]],
+    *,
+    status: Status,
+    weights: dict[str, int],
+    categories: list[str],
+    callback: _Progress,
+    started: float,
+    bound: float | None = None,
+) -> Plan:
+    """The Plan for team indices per (line, term): tiers recomputed in plain Python.
+
+    Shared by both models so the same plan always reports the same numbers. `bound` (on the
+    weighted objective's scale) defaults to the best bound the callback saw.
+    """
+    tiers = evaluate(problem, categories, rows)
+    objective = float(sum(weights[k] * v for k, v in _tier_totals(tiers).items()))
+    if status == "OPTIMAL":
+        bound = objective
+    else:
+        bound = min(objective, bound if bound is not None else (callback.bound or 0.0))
     callback.final(objective, bound)
     lines = []
     for ln, row in enumerate(rows):
@@ -359,7 +387,7 @@ def solve(
                               pinned=problem.kept_pins(ln + 1, rotations)))
     unfilled_map = unfilled_of(problem, [pl.rotations for pl in lines])
     penalties: dict[str, float | int] = dict(tiers)
-    for tier, weight in lm.weights.items():
+    for tier, weight in weights.items():
         penalties[f"weight_{tier}"] = weight
     return Plan(
         status=status,
@@ -367,7 +395,7 @@ def solve(
         objective=objective,
         best_bound=bound,
         gap=_gap(objective, bound),
-        solve_seconds=elapsed,
+        solve_seconds=time.monotonic() - started,
         unfilled=[
             Unfilled(team=tm, term=tr, missing=n) for (tm, tr), n in sorted(unfilled_map.items())
         ],
@@ -393,11 +421,11 @@ def _rows_from(lm: LineModel, solver: cp_model.CpSolver) -> list[list[int]]:
     return rows
 
 
-def evaluate(problem: Problem, lm: LineModel, rows: list[list[int]]) -> dict[str, int]:
+def evaluate(problem: Problem, categories: list[str], rows: list[list[int]]) -> dict[str, int]:
     """Objective tiers of a plan given as team index per (line, term), in plain Python."""
     out: dict[str, int] = {"unfilled_positions": heuristic_unfilled(problem, rows)}
-    if lm.spreads:
-        for name in lm.spreads:
+    if categories:
+        for name in categories:
             pred = FAIRNESS_CATEGORIES[name]
             assert callable(pred)
             counts = [sum(1 for k in row if pred(problem.teams[k])) for row in rows]
