@@ -488,3 +488,55 @@ def limits_ledger(
                       str(r["run_id"] or ""), str(r["allocation_run_id"]), str(r["reserved_s"]),
                       f"{r['used_s']:.1f}", r["outcome"] or "queued")
     console.print(table)
+
+
+@limits_app.command("forgive")
+def limits_forgive(
+    org: str = typer.Argument(..., help="Organisation id or exact name."),
+    hours: int = typer.Option(24, min=1, max=24 * 7,
+                              help="Give back what was used in this many last hours."),
+    database_url: str = DbOption,
+) -> None:
+    """Give an organisation its budget back: delete its settled ledger entries (runs and
+    restores) of the last HOURS hours, so its hourly and daily budgets count from zero again
+    (e.g. after runs an incident made it repeat). Queued entries stay: they are runs that are
+    PENDING or GENERATING now, and their settlement still follows."""
+
+    async def go(conn: asyncpg.Connection) -> Any:
+        found = await find_organization(conn, org)
+        if found is None:
+            return None
+        row = await conn.fetchrow(
+            "with gone as (delete from planner_private.usage_ledger"
+            " where organization_id = $1 and settled_at is not null"
+            " and at > now() - make_interval(hours => $2) returning kind, used_s)"
+            " select count(*) filter (where kind = 'run') as runs,"
+            " count(*) filter (where kind = 'restore') as restores,"
+            " coalesce(sum(used_s), 0) as used_s from gone", found[0], hours)
+        return found[1], row
+
+    result = _run(database_url, go)
+    if result is None:
+        raise _org_not_found(org)
+    name, row = result
+    console.print(f"{name}: gave back {row['runs']} run(s) ({float(row['used_s']):.1f} solver"
+                  f" seconds) and {row['restores']} restore(s) of the last {hours} h")
+
+
+@limits_app.command("prune")
+def limits_prune(
+    days: int = typer.Option(2, min=2, max=3650,
+                             help="Delete settled entries older than this many days."),
+    database_url: str = DbOption,
+) -> None:
+    """Housekeeping: delete settled ledger entries older than DAYS days, for every
+    organisation. At least 2, so the daily budget (the longest window) is never shortened."""
+
+    async def go(conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval(
+            "with gone as (delete from planner_private.usage_ledger where settled_at is not null"
+            " and at < now() - make_interval(days => $1) returning 1) select count(*) from gone",
+            days))
+
+    n = _run(database_url, go)
+    console.print(f"deleted {n} ledger entr{'y' if n == 1 else 'ies'} older than {days} days")

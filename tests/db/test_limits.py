@@ -424,6 +424,55 @@ async def test_operator_commands_show_and_change_limits_and_the_ledger(
     assert "gold" in tiers and "queued_runs" in tiers
 
 
+async def test_operator_forgives_and_prunes_the_ledger(
+    pg: asyncpg.Connection, su: asyncpg.Connection, db_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`planner limits forgive` gives an organisation its hourly budget back (the only way to
+    shrink what it used, and the operator's, not the tenant's); `planner limits prune` deletes
+    only settled entries older than the daily window."""
+    monkeypatch.setattr(ops.console, "width", 250)
+    org = await limited_org(su, "Forgiven Health", runs_per_hour=2)
+    other = await limited_org(su, "Unforgiven Health", runs_per_hour=2)
+
+    async def planner(*args: str) -> Result:
+        return await asyncio.to_thread(_planner, db_url, *args)
+
+    a1, a2, a3 = await ars(su, org, 3)
+    for ar in (a1, a2):
+        run = await ask(pg, org, ar)
+        await su.execute("update allocation_planner_runs set status = 'CANCELLED',"
+                         " finished_at = now() where id = $1", run)
+    assert (await refused(pg, org, a3)).sqlstate == "PL014"
+    (b1,) = await ars(su, other, 1)
+    queued_elsewhere = await ask(pg, other, b1)
+    result = await planner("limits", "forgive", org.name, "--hours", "1")
+    assert result.exit_code == 0, result.output
+    assert "gave back 2 run(s)" in result.output
+    await ask(pg, org, a3)  # accepted again
+    # the other organisation's entry is untouched, and a queued entry is never forgiven
+    assert await su.fetchval("select count(*) from planner_private.usage_ledger"
+                             " where run_id = $1 and settled_at is null", queued_elsewhere) == 1
+    bad = await planner("limits", "forgive", "No Such Health")
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
+    # prune: only settled entries past the window
+    await su.execute("update planner_private.usage_ledger set at = now() - interval '3 days'"
+                     " where organization_id = $1", other.id)
+    await su.execute("update allocation_planner_runs set status = 'CANCELLED',"
+                     " finished_at = now() where id = $1", queued_elsewhere)
+    await su.execute("insert into planner_private.usage_ledger (organization_id, kind,"
+                     " allocation_run_id, at, settled_at) values ($1, 'restore', $2,"
+                     " now() - interval '1 day', now())", other.id, b1)
+    result = await planner("limits", "prune")
+    assert result.exit_code == 0 and "deleted" in result.output, result.output
+    left = await su.fetch("select at > now() - interval '2 days' as recent"
+                          " from planner_private.usage_ledger where organization_id = $1",
+                          other.id)
+    assert [r["recent"] for r in left] == [True]
+    too_short = await planner("limits", "prune", "--days", "1")
+    assert too_short.exit_code == 2 and "Traceback" not in too_short.output
+
+
 def test_the_commands_know_every_limit() -> None:
     """LIMIT_KEYS (what `planner limits set` accepts) are exactly the limit columns."""
     text = (Path(__file__).parents[2] / "migrations/schema/10_tables.sql").read_text()
