@@ -266,6 +266,10 @@ async def wal_per_heartbeat(settings: DevSettings, name: str) -> dict[str, float
     org = await seed_organization(db, settings, "WAL", instance_seed=5, **TRIVIAL)
     blob = await db.fetchval("select string_agg(md5(random()::text) || md5(random()::text), '')"
                              " from generate_series(1, 16384)")
+    # an operator's override lets this organisation send such options (planner limits set;
+    # the default max_options_bytes refuses them): the figure is what a big row would cost
+    await db.execute("insert into planner_engine.limits (organization_id, max_options_bytes)"
+                     " values ($1, $2)", org.id, 2 * len(blob))
     run = await db.fetchval(
         "insert into allocation_planner_runs (organization_id, allocation_run_id, n_job_lines,"
         " options) values ($1, $2, 2, $3::jsonb) returning id", org.id, org.allocation_run_id,
