@@ -146,7 +146,7 @@ async def flood(settings: DevSettings, name: str, rt_url: str, n_listeners: int,
                             # per allocation run is a limit too; the loop tries the next.
                             code = str(exc.sqlstate)
                             refused[code] = refused.get(code, 0) + 1
-                            examples.setdefault(code, str(exc))
+                            examples.setdefault(code, str(exc).splitlines()[0])
                     if not progressed:
                         await asyncio.sleep(0.2)  # every allocation run busy or refused
             finally:
