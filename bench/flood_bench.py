@@ -63,7 +63,9 @@ TRIVIAL: dict[str, Any] = {"lines": 6, "terms": 2, "teams": 8, "rule_sets": []}
 #: The flood's runs are small too: what matters is the order they are claimed in, and the
 #: benchmark must finish in minutes on a shared 2-core machine.
 FLOOD: dict[str, Any] = {"lines": 12, "terms": 3, "teams": 12, "rule_sets": []}
-FLOOD_ARS = 32  # the flooder's allocation runs: more than its hourly limit (30), which binds
+#: The flooder's allocation runs: more than its hourly limit (30 runs), so that its limits,
+#: not its allocation runs, bind (queued_runs, 10 at once, binds first with the defaults).
+FLOOD_ARS = 32
 PENDING_TTL_S = 5
 HEARTBEAT_S = 1.0
 
