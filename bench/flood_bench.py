@@ -313,6 +313,13 @@ async def main(window_s: float, giant_teams: int | None, seed: int) -> None:
         db = await asyncpg.connect(settings.dsn(name))
         await db.execute("update planner_engine.settings set pending_run_ttl = $1::text::interval",
                          f"{PENDING_TTL_S} seconds")
+        # Refuse --giant-teams above the limit before the flood, not minutes later (the
+        # giant organisation is new: the default row applies; seed_giant checks again).
+        max_teams = await db.fetchval(
+            "select max_teams from planner_engine.limits where tier = 'default'")
+        if giant_teams is not None and not 1 <= giant_teams <= max_teams:
+            raise ValueError(f"--giant-teams {giant_teams}: the limits admit 1 to {max_teams}"
+                             " teams (max_teams)")
         await db.close()
         with RealtimeServer(settings, name) as rt, tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
@@ -363,4 +370,4 @@ if __name__ == "__main__":
     try:
         asyncio.run(main(args.window, args.giant_teams, args.seed))
     except ValueError as exc:  # --giant-teams above the limit
-        sys.exit(f"flood_bench: {exc}; pass a smaller --giant-teams or none")
+        sys.exit(f"flood_bench: {exc}; pass a smaller --giant-teams, or none for the limit")
