@@ -1,24 +1,27 @@
 """Flood benchmark (issue 13): one tenant floods, 19 polite tenants insert one run each.
 
-    nice -n 19 .venv/bin/python bench/flood_bench.py [--window 20] [--giant-teams 40000]
+    nice -n 19 .venv/bin/python bench/flood_bench.py [--window 20] [--giant-teams N]
 
 On the developer's local stack (started if needed), in a fresh cloned database with its own
 local Realtime server and real `planner listen` processes:
 
 * flood, with 1 and then 3 listeners: 20 new organisations; one inserts runs as fast as its
   limits allow for `--window` seconds (on a pool of allocation runs, one active run each; a
-  refused insert is counted by SQLSTATE and retried), each of the 19 others inserts a single
-  run at a random moment of the window. All runs are small (12 and 6 lines) with a 1 s solver
-  limit: the order of claims is what is measured. Printed: the worst number of flood runs
-  (and of runs of all organisations) claimed after a polite run was inserted and before it
-  was claimed (target: at most one per listener), refusals by SQLSTATE, and runs FAILED by
-  the pending timeout, with the pending TTL set to 5 s and the sweeper called every second
-  (target 0: a run waiting behind other organisations' runs is not failed while a listener
-  is alive);
+  refused insert is counted by SQLSTATE and retried: PL013 allocation run already active,
+  PL014 runs per hour, PL043 queued runs, PL042 solver-seconds), each of the 19 others
+  inserts a single run at a random moment of the window. All runs are small (12 and 6
+  lines) with a 1 s solver limit: the order of claims is what is measured. Printed: the
+  worst number of flood runs (and of runs of all organisations) claimed after a polite run
+  was inserted and before it was claimed (target: at most one per listener), refusals by
+  SQLSTATE, and runs FAILED by the pending timeout, with the pending TTL set to 5 s and the
+  sweeper called every second (target 0: a run waiting behind other organisations' runs is
+  not failed while a listener is alive); the error texts of the runs that ended FAILED,
+  grouped;
 * heartbeat gap: one listener (heartbeat interval 1 s) while a tenant inserts the largest
-  problem admitted (max_job_lines lines over `--giant-teams` teams with demand in every
-  term): the longest gap between two of the listener's heartbeats and between two of the
-  run's heartbeats (target <= 1.5 x the interval);
+  problem its limits admit (planner_private.limits_of: max_job_lines lines, max_teams teams,
+  max_terms terms, max_demand_rows demand rows spread over every term; `--giant-teams`
+  asks for fewer teams, never more): the longest gap between two of the listener's
+  heartbeats and between two of the run's heartbeats (target <= 1.5 x the interval);
 * hot rows: WAL bytes written by one run heartbeat on a run whose `options` holds ~1 MB,
   with the table's replica identity (default) and, for comparison, FULL.
 """
@@ -28,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
+import re
 import sys
 import tempfile
 import time
@@ -43,7 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from devstack import stack
 from devstack.seed import SeededOrganization, seed_organization
 from devstack.settings import DevSettings
-from tests.chaos.campaign import _clone_allocation_run, beats, longest_gap, seed_giant
+from tests.chaos.campaign import (
+    GiantSize,
+    _clone_allocation_run,
+    beats,
+    longest_gap,
+    seed_giant,
+)
 from tests.support.databases import cloned_database
 from tests.support.harness import TERMINAL, ListenerProcess, insert_run, listener_env
 from tests.support.realtime import RealtimeServer
@@ -52,7 +63,9 @@ TRIVIAL: dict[str, Any] = {"lines": 6, "terms": 2, "teams": 8, "rule_sets": []}
 #: The flood's runs are small too: what matters is the order they are claimed in, and the
 #: benchmark must finish in minutes on a shared 2-core machine.
 FLOOD: dict[str, Any] = {"lines": 12, "terms": 3, "teams": 12, "rule_sets": []}
-FLOOD_ARS = 32  # the flooder's allocation runs: more than its hourly limit (30), which binds
+#: The flooder's allocation runs: more than its hourly limit (30 runs), so that its limits,
+#: not its allocation runs, bind (queued_runs, 10 at once, binds first with the defaults).
+FLOOD_ARS = 32
 PENDING_TTL_S = 5
 HEARTBEAT_S = 1.0
 
@@ -62,6 +75,24 @@ async def _insert(db: asyncpg.Connection, org: SeededOrganization, ar: str,
     return await insert_run(db, user_id=org.planner.id, organization_id=org.id,
                             allocation_run_id=ar, n_job_lines=org.suggested_n_job_lines,
                             constraints=org.suggested_constraints, options=options)
+
+
+def _grouped(errors: list[str], width: int = 90) -> dict[str, int]:
+    """FAILED runs' error texts, truncated and with numbers and ids blanked, so that the same
+    cause with different values counts as one."""
+    out: dict[str, int] = {}
+    for e in errors:
+        key = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "<id>", e.splitlines()[0] if e else "(none)")
+        key = re.sub(r"\d+(\.\d+)?", "N", key)
+        key = key if len(key) <= width else key[: width - 3] + "..."
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def _tally(counts: dict[str, int]) -> str:
+    """`PL013: 779, PL014: 55`: refusals by SQLSTATE, most frequent first."""
+    return ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1])) \
+        or "none"
 
 
 async def _sweeper(dsn: str, stop: asyncio.Event) -> None:
@@ -87,11 +118,12 @@ async def flood(settings: DevSettings, name: str, rt_url: str, n_listeners: int,
         for k in range(1, FLOOD_ARS)]
     polite = [await seed_organization(db, settings, f"Polite {tag} {i}", instance_seed=i,
                                       **TRIVIAL) for i in range(19)]
-    env = listener_env(settings, name, rt_url, PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S,
-                       PLANNER_SOLVER_TIME_LIMIT_S=10)
+    # every run asks for 1 s; the cap is the database's (max_time_limit_s), not the listener's
+    env = listener_env(settings, name, rt_url, PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S)
     procs = [ListenerProcess(env, tmp / f"{tag}-{i}.log", worker_id=f"{tag}-{i}").start()
              for i in range(n_listeners)]
-    refused: dict[str, int] = {}
+    refused: dict[str, int] = {}  # SQLSTATE -> refused inserts
+    examples: dict[str, str] = {}  # SQLSTATE -> the first refusal's message
     flood_ids: list[str] = []
     polite_ids: list[str] = []
     stop = asyncio.Event()
@@ -114,8 +146,9 @@ async def flood(settings: DevSettings, name: str, rt_url: str, n_listeners: int,
                         except asyncpg.PostgresError as exc:
                             # PL013 (this allocation run is busy) included: one active run
                             # per allocation run is a limit too; the loop tries the next.
-                            key = f"{exc.sqlstate} {str(exc).split(' (')[0][:50]}"
-                            refused[key] = refused.get(key, 0) + 1
+                            code = str(exc.sqlstate)
+                            refused[code] = refused.get(code, 0) + 1
+                            examples.setdefault(code, str(exc).splitlines()[0])
                     if not progressed:
                         await asyncio.sleep(0.2)  # every allocation run busy or refused
             finally:
@@ -157,6 +190,9 @@ async def flood(settings: DevSettings, name: str, rt_url: str, n_listeners: int,
     statuses = {r["status"]: r["n"] for r in await db.fetch(
         "select status, count(*) as n from allocation_planner_runs where id = any($1::uuid[])"
         " group by 1", flood_ids + polite_ids)}
+    failed = await db.fetch(
+        "select error from allocation_planner_runs where id = any($1::uuid[])"
+        " and status = 'FAILED'", flood_ids + polite_ids)
     pending_failed = await db.fetchval(
         "select count(*) from allocation_planner_runs where id = any($1::uuid[])"
         " and status = 'FAILED' and error like 'no planner picked this run up%'",
@@ -170,15 +206,24 @@ async def flood(settings: DevSettings, name: str, rt_url: str, n_listeners: int,
         "worst_flood_ahead": max((r["flood_ahead"] for r in ahead), default=0),
         "worst_all_ahead": max((r["all_ahead"] for r in ahead), default=0),
         "worst_polite_wait_s": max(waits, default=0.0),
-        "refused": refused, "statuses": statuses, "pending_failed": pending_failed,
+        "refused": refused, "examples": examples, "statuses": statuses,
+        "pending_failed": pending_failed, "failed": _grouped([r["error"] or "" for r in failed]),
     }
 
 
-async def heartbeat_gap(settings: DevSettings, name: str, rt_url: str, teams: int,
+async def heartbeat_gap(settings: DevSettings, name: str, rt_url: str, teams: int | None,
                         tmp: Path) -> dict[str, Any]:
+    """The largest problem the limits admit (fewer teams when `teams` says so; ValueError
+    above the limit), inserted while one listener runs."""
     dsn = settings.dsn(name)
     db = await asyncpg.connect(dsn)
-    giant = await seed_giant(db, settings, teams)
+
+    def fewer_teams(limit: GiantSize) -> GiantSize:
+        assert teams is not None
+        return dataclasses.replace(limit, teams=teams,
+                                   demand_rows=min(limit.demand_rows, teams * limit.terms))
+
+    giant, size = await seed_giant(db, settings, None if teams is None else fewer_teams)
     env = listener_env(settings, name, rt_url, PLANNER_HEARTBEAT_INTERVAL_S=HEARTBEAT_S)
     proc = ListenerProcess(env, tmp / "giant.log", worker_id="giant").start()
     stop = asyncio.Event()
@@ -189,7 +234,11 @@ async def heartbeat_gap(settings: DevSettings, name: str, rt_url: str, teams: in
             "giant", stop))
         await asyncio.sleep(3 * HEARTBEAT_S)  # a few beats before the insert
         t0 = time.monotonic()
-        rid = await _insert(db, giant, giant.allocation_run_id, {"time_limit_seconds": 2})
+        try:
+            rid = await _insert(db, giant, giant.allocation_run_id, {"time_limit_seconds": 2})
+        except asyncpg.PostgresError as exc:  # the point is that it is admitted
+            raise AssertionError(f"the largest problem admitted ({size}) was refused:"
+                                 f" {exc.sqlstate} {exc}") from exc
         run_beats = asyncio.create_task(beats(
             dsn, "select heartbeat_at from allocation_planner_runs where id = $1::uuid"
                  " and status = 'GENERATING'", rid, stop))
@@ -205,7 +254,7 @@ async def heartbeat_gap(settings: DevSettings, name: str, rt_url: str, teams: in
         stop.set()
         proc.stop_now()
     result = {
-        "teams": teams, "lines": giant.suggested_n_job_lines, "status": row["status"],
+        "size": size, "limits": teams is None, "status": row["status"],
         "error": (row["error"] or "")[:80], "seconds": took,
         "listener_gap_s": longest_gap(await listener_beats),
         "run_gap_s": longest_gap(await run_beats),
@@ -219,6 +268,10 @@ async def wal_per_heartbeat(settings: DevSettings, name: str) -> dict[str, float
     org = await seed_organization(db, settings, "WAL", instance_seed=5, **TRIVIAL)
     blob = await db.fetchval("select string_agg(md5(random()::text) || md5(random()::text), '')"
                              " from generate_series(1, 16384)")
+    # an operator's override lets this organisation send such options (planner limits set;
+    # the default max_options_bytes refuses them): the figure is what a big row would cost
+    await db.execute("insert into planner_engine.limits (organization_id, max_options_bytes)"
+                     " values ($1, $2)", org.id, 2 * len(blob))
     run = await db.fetchval(
         "insert into allocation_planner_runs (organization_id, allocation_run_id, n_job_lines,"
         " options) values ($1, $2, 2, $3::jsonb) returning id", org.id, org.allocation_run_id,
@@ -253,13 +306,20 @@ async def wal_per_heartbeat(settings: DevSettings, name: str) -> dict[str, float
             "listener": listener}
 
 
-async def main(window_s: float, giant_teams: int, seed: int) -> None:
+async def main(window_s: float, giant_teams: int | None, seed: int) -> None:
     settings: DevSettings = await asyncio.to_thread(stack.up)
     rnd = random.Random(seed)
     async with cloned_database(settings, prefix="flood") as name:
         db = await asyncpg.connect(settings.dsn(name))
         await db.execute("update planner_engine.settings set pending_run_ttl = $1::text::interval",
                          f"{PENDING_TTL_S} seconds")
+        # Refuse --giant-teams above the limit before the flood, not minutes later (the
+        # giant organisation is new: the default row applies; seed_giant checks again).
+        max_teams = await db.fetchval(
+            "select max_teams from planner_engine.limits where tier = 'default'")
+        if giant_teams is not None and not 1 <= giant_teams <= max_teams:
+            raise ValueError(f"--giant-teams {giant_teams}: the limits admit 1 to {max_teams}"
+                             " teams (max_teams)")
         await db.close()
         with RealtimeServer(settings, name) as rt, tempfile.TemporaryDirectory() as tmpdir:
             tmp = Path(tmpdir)
@@ -283,9 +343,15 @@ async def main(window_s: float, giant_teams: int, seed: int) -> None:
     line("runs FAILED by the pending timeout", "pending_failed", "0")
     for f in floods:
         print(f"  {f['listeners']} listener(s): outcomes {f['statuses']}; refused inserts"
-              f" {f['refused'] or 'none'}")
-    print(f"heartbeat gap, largest problem admitted ({gap['lines']} lines x {gap['teams']} teams,"
-          f" run {gap['status']} in {gap['seconds']:.1f} s {gap['error']!r}):")
+              f" {_tally(f['refused'])}")
+        for text, n in f["failed"].items():
+            print(f"    FAILED x{n}: {text}")
+    codes = {k: v for f in floods for k, v in f["examples"].items()}
+    for code in sorted(codes):
+        print(f"  {code} = {codes[code][:90]}")
+    what = "the largest problem the limits admit" if gap["limits"] else "a smaller problem"
+    print(f"heartbeat gap, {what} ({gap['size']}; run {gap['status']} in"
+          f" {gap['seconds']:.1f} s {gap['error']!r}):")
     print(f"  longest gap between listener heartbeats {gap['listener_gap_s']:.2f} s, between the"
           f" run's heartbeats {gap['run_gap_s']:.2f} s (interval {HEARTBEAT_S:.0f} s, target"
           f" <= {1.5 * HEARTBEAT_S:.1f} s)")
@@ -297,8 +363,11 @@ async def main(window_s: float, giant_teams: int, seed: int) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--window", type=float, default=20.0, help="seconds the flood lasts")
-    ap.add_argument("--giant-teams", type=int, default=40_000,
-                    help="teams of the largest problem (the limits' maximum, when there is one)")
+    ap.add_argument("--giant-teams", type=int, default=None,
+                    help="teams of the giant problem (default: the limit, max_teams; never more)")
     ap.add_argument("--seed", type=int, default=13)
     args = ap.parse_args()
-    asyncio.run(main(args.window, args.giant_teams, args.seed))
+    try:
+        asyncio.run(main(args.window, args.giant_teams, args.seed))
+    except ValueError as exc:  # --giant-teams above the limit
+        sys.exit(f"flood_bench: {exc}; pass a smaller --giant-teams, or none for the limit")

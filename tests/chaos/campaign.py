@@ -79,11 +79,10 @@ HEARTBEAT_S = 1.0
 DEFAULT_CRON_COMMAND = "select planner_engine.sweep_stale_runs()"
 CRON_JOB = "planner-sweep-stale-runs"
 QUICK_REPS = 2
-#: Teams of the giant problem (s8) with max_job_lines lines: the full campaign. The quick
-#: version (CI) exercises the same path on a problem the solver child builds in seconds.
-GIANT_TEAMS = 40_000
-GIANT_TEAMS_QUICK = 1_000
-GIANT_LINES_QUICK = 30
+#: The giant problem (s8) of the full campaign is the largest the limits admit (seed_giant
+#: reads them); the quick version exercises the same path on a problem the solver child
+#: builds in seconds (the seed organisation's 5 terms, 500 teams with demand in each).
+GIANT_QUICK = {"lines": 30, "teams": 500, "terms": 5, "demand_rows": 2500}
 FLOOD_PENDING_TTL_S = 4.0  # s9's pending TTL (production: 30 minutes)
 
 
@@ -921,40 +920,119 @@ def longest_gap(stamps: list[Any]) -> float:
                default=0.0)
 
 
-async def seed_giant(conn: asyncpg.Connection, settings: DevSettings,
-                     teams: int, lines: int | None = None) -> SeededOrganization:
-    """An organisation whose one allocation run has `teams` teams with demand in all of its
-    terms (built set-based: seeding them one by one would take minutes), requesting `lines`
-    job lines, by default the most the database admits (planner_engine.settings.max_job_lines).
-    Also used by bench/flood_bench.py."""
-    org = await seed_organization(conn, settings, f"Giant {teams}", instance_seed=77,
-                                  **SMALL)  # type: ignore[arg-type]
+@dataclasses.dataclass(frozen=True)
+class GiantSize:
+    """A problem's size as the admission checks count it (planner_private.admission_checks):
+    job lines requested, teams (with demand, or in the plan), terms and team_demand rows of
+    the allocation run."""
+
+    lines: int
+    teams: int
+    terms: int
+    demand_rows: int
+
+    def __str__(self) -> str:
+        return (f"{self.lines} lines x {self.teams} teams, {self.terms} terms,"
+                f" {self.demand_rows} demand rows")
+
+
+async def admitted_size(conn: asyncpg.Connection, org_id: str) -> GiantSize:
+    """The largest problem the limits admit for this organisation (planner_private.limits_of:
+    its own row, else its tier's, else the default row)."""
+    lim = await conn.fetchrow(
+        "select max_job_lines, max_teams, max_terms, max_demand_rows"
+        " from planner_private.limits_of($1)", org_id)
+    return GiantSize(lines=lim["max_job_lines"], teams=lim["max_teams"],
+                     terms=lim["max_terms"], demand_rows=lim["max_demand_rows"])
+
+
+async def problem_size(conn: asyncpg.Connection, ar: str, lines: int) -> GiantSize:
+    """What the admission checks count on allocation run `ar` (the same queries, unbounded)."""
+    row = await conn.fetchrow(
+        "select (select count(*) from terms where allocation_run_id = $1) as terms,"
+        " (select count(*) from team_demand where allocation_run_id = $1) as demand_rows,"
+        " (select count(*) from (select team_id from team_demand where allocation_run_id = $1"
+        "  union select ro.team_id from job_lines l join rotations ro on ro.job_line_id = l.id"
+        "  where l.allocation_run_id = $1) x) as teams", ar)
+    return GiantSize(lines=lines, teams=row["teams"], terms=row["terms"],
+                     demand_rows=row["demand_rows"])
+
+
+async def seed_giant(
+    conn: asyncpg.Connection, settings: DevSettings,
+    smaller: Callable[[GiantSize], GiantSize] | None = None,
+) -> tuple[SeededOrganization, GiantSize]:
+    """An organisation whose one allocation run is the largest problem its limits admit:
+    max_terms terms, max_teams teams and max_demand_rows demand rows spread so that every
+    term and every team has demand (diagonals of the teams x terms grid: as many terms per
+    team as max_demand_rows allows), and a request of max_job_lines lines. The sizes are read
+    from planner_private.limits_of, so they follow whatever the database applies to that
+    organisation; `smaller` maps the limits to a smaller problem (the quick campaign, a
+    benchmark's option), and a value above the limit raises ValueError (one line). Built
+    set-based (seeding teams one by one would take minutes); the counts are checked
+    afterwards with the admission's own queries. Also used by bench/flood_bench.py."""
+    # No rule set: VIC_PGY1 is for a 5-term year and would fail the validation of any other
+    # number of terms before the problem reaches the solver child, which is the point.
+    org = await seed_organization(conn, settings, "Giant", instance_seed=77,
+                                  **{**SMALL, "rule_sets": []})  # type: ignore[arg-type]
+    limit = await admitted_size(conn, org.id)
+    want = limit
+    if smaller is not None:
+        cap = smaller(limit)
+        above = [f"{k} {getattr(cap, k)} > {getattr(limit, k)}"
+                 for k in ("lines", "teams", "terms", "demand_rows")
+                 if getattr(cap, k) > getattr(limit, k)]
+        if above:
+            raise ValueError(f"the limits admit at most {limit}: {', '.join(above)}")
+        want = cap
+    ar = org.allocation_run_id
+    # every team of the organisation gets demand below, so count them all
+    have = dataclasses.replace(await problem_size(conn, ar, want.lines), teams=int(
+        await conn.fetchval("select count(*) from teams where organization_id = $1", org.id)))
+    if have.teams > want.teams or have.terms > want.terms or have.demand_rows > want.demand_rows:
+        raise ValueError(f"the seed organisation alone ({have}) exceeds {want}")
+    await conn.execute(
+        "insert into terms (organization_id, allocation_run_id, ordinal, name, weeks)"
+        " select $1, $2, g, 'giant term ' || g, 1 from generate_series($3::int, $4::int) g",
+        org.id, ar, have.terms + 1, want.terms)
     await conn.execute(
         "insert into teams (organization_id, name, specialty, subspecialty, kind, experiences,"
         " site, rural, tags)"
         " select $1, 'giant team ' || g, 'medicine', 'sub ' || (g % 50), 'clinical',"
-        " array['A'], 'MMC', false, '{}' from generate_series(1, $2) g", org.id, teams)
+        " array['A'], 'MMC', false, '{}' from generate_series(1, $2::int) g",
+        org.id, want.teams - have.teams)
+    # Diagonal d of the grid pairs team k with term (d - k) mod T: each diagonal gives every
+    # team one more term and spreads the rows evenly over the terms.
     await conn.execute(
         "insert into team_demand (organization_id, allocation_run_id, team_id, term_id,"
         " min_lines, max_lines)"
-        " select $1, $2, tm.id, t.id, 0, 1 from teams tm join terms t"
-        " on t.allocation_run_id = $2 where tm.organization_id = $1 and tm.name like 'giant%'",
-        org.id, org.allocation_run_id)
-    await _baseline_plan(conn, org.id, org.allocation_run_id, org.suggested_n_job_lines)
-    if lines is None:
-        lines = int(await conn.fetchval("select max_job_lines from planner_engine.settings"))
-    return dataclasses.replace(org, suggested_n_job_lines=lines)
+        " select $1, $2, tm.id, t.id, 0, 1"
+        " from (select id, row_number() over (order by id) as k from teams"
+        "       where organization_id = $1) tm"
+        " cross join (select id, ordinal from terms where allocation_run_id = $2) t"
+        " where not exists (select 1 from team_demand d where d.allocation_run_id = $2"
+        "                    and d.team_id = tm.id and d.term_id = t.id)"
+        " order by (tm.k + t.ordinal) % $3, tm.k limit $4",
+        org.id, ar, want.terms, want.demand_rows - have.demand_rows)
+    await _baseline_plan(conn, org.id, ar, org.suggested_n_job_lines)
+    built = await problem_size(conn, ar, want.lines)
+    if built != want:
+        raise AssertionError(f"seeded {built}, wanted {want}")
+    return dataclasses.replace(org, suggested_n_job_lines=want.lines, n_terms=built.terms,
+                               n_teams=built.teams, n_demand_rows=built.demand_rows), built
 
 
 async def s8_giant_problem(c: Campaign, r: Run, reps: int) -> None:
-    """A tenant inserts the largest problem admitted (max_job_lines lines over GIANT_TEAMS
-    teams; a smaller one in the quick version): the listener's heartbeats,
-    its own (planner_engine.listener_heartbeat) and the run's, keep their interval (at most
-    1.5 x the interval between two beats) while it loads, validates and hands the problem to
-    the solver child, whatever becomes of the run (the child may die of its memory cap)."""
+    """A tenant inserts the largest problem its limits admit (max_job_lines lines, max_teams
+    teams, max_terms terms, max_demand_rows demand rows: seed_giant; GIANT_QUICK in the quick
+    version): the listener's heartbeats, its own (planner_engine.listener_heartbeat) and the
+    run's, keep their interval (at most 1.5 x the interval between two beats) while it loads,
+    validates and hands the problem to the solver child, whatever becomes of the run (the
+    child may die of its memory cap). A refused insert is a violation: the problem must be
+    admitted."""
     full = reps > QUICK_REPS
-    teams = GIANT_TEAMS if full else GIANT_TEAMS_QUICK
-    giant = await seed_giant(c.db, c.settings, teams, None if full else GIANT_LINES_QUICK)
+    giant, size = await seed_giant(c.db, c.settings,
+                                   None if full else lambda _: GiantSize(**GIANT_QUICK))
     slot = Slot(giant, giant.allocation_run_id)
     lst = r.listener("G")
     await lst.wait_ready()
@@ -966,7 +1044,11 @@ async def s8_giant_problem(c: Campaign, r: Run, reps: int) -> None:
     outcomes: list[str] = []
     try:
         for _ in range(max(1, reps // 2)):
-            rid = await r.insert({"time_limit_seconds": 2}, slot=slot)
+            try:
+                rid = await r.insert({"time_limit_seconds": 2}, slot=slot)
+            except asyncpg.PostgresError as exc:
+                r.r.violations.append(f"the admitted maximum was refused: {exc.sqlstate} {exc}")
+                break
             run_stop = asyncio.Event()
             run_beats = asyncio.create_task(beats(
                 c.dsn, "select heartbeat_at from allocation_planner_runs where id = $1::uuid"
@@ -980,7 +1062,7 @@ async def s8_giant_problem(c: Campaign, r: Run, reps: int) -> None:
         listener_gap = longest_gap(await listener_beats)
     bound = 1.5 * HEARTBEAT_S
     r.r.notes.append(
-        f"{len(outcomes)} run(s) of {slot.org.suggested_n_job_lines} lines x {teams} teams:"
+        f"{len(outcomes)} run(s) of {size} ({'the limits' if full else 'quick'}):"
         f" {outcomes}; longest gap between listener heartbeats {listener_gap:.2f} s, between"
         f" the run's heartbeats {max(run_gaps, default=0.0):.2f} s (interval {HEARTBEAT_S:.0f} s,"
         f" bound {bound:.1f} s)")
