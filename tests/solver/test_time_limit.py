@@ -1,8 +1,9 @@
 """Issue 12: a solve returns its best plan within the limit plus 2 s, at every size.
 
 500 tight lines are large enough that, without a deadline passed down, building the line
-model (~40 s at 1,000 lines), one greedy construction (~9 s at 1,000) or the patterns model's seeding overrun a 1.5 s
-limit by far (measured; bench/limit_bench.py has the figures at 250/1,000/2,000 lines).
+model (~40 s at 1,000 lines), one greedy construction (~9 s at 1,000) or the patterns model's
+seeding overrun a 1.5 s limit by far (measured; bench/limit_bench.py has the figures at
+250/1,000/2,000 lines).
 """
 
 from __future__ import annotations
