@@ -243,3 +243,14 @@ def test_result_metadata_reports_tiers_from_the_plan_not_the_weights() -> None:
     assert [(t.name, t.value, t.proven) for t in ma.tiers] == [
         ("unfilled", 0, True), ("fairness_service", 1, False)]
     assert metadata_of(Plan(status="UNKNOWN"), worker_id="w", attempt=1).summary is None
+
+
+async def test_a_request_over_the_memory_cap_is_refused_before_the_solve_starts() -> None:
+    """Issue 12: refused with what to change (FAILED), never started and killed mid-solve."""
+    rig = Rig(ScriptedSolver(PLAN), solver_memory_mb=64)
+    assert await rig.execute() is Outcome.FAILED
+    assert rig.solver.started == [], "no solve may start"
+    assert rig.stored.status is RunStatus.FAILED
+    error = rig.stored.error
+    assert error.startswith("request too large for the solver's memory cap: 3 lines")
+    assert "ask for at most" in error and "raise the solver's memory cap" in error
