@@ -146,7 +146,8 @@ class ResultMetadata(_Payload):
         default=None, description="The tiers in words, e.g. \"0 unfilled positions (proven); "
                                   "service spread 1 (best found)\".")
     explanation: list[str] | None = Field(
-        default=None, description="Why no plan exists, in a manager's words (INFEASIBLE).")
+        default=None, description="Why no plan exists, in a manager's words (INFEASIBLE), "
+                                  "or that none was found within the time limit (FAILED).")
     validation_errors: list[str] | None = Field(
         default=None, description="Why the run's input is not a valid problem (FAILED).")
     peak_memory_mb: float | None = None
