@@ -55,15 +55,17 @@ def tiers_of(plan: Plan) -> list[Tier]:
         bound = unfilled
     elif plan.best_bound is not None and weight:
         bound = min(unfilled, math.floor(plan.best_bound / weight + 1e-9))
-    out = [Tier("unfilled", unfilled, bound, bound is not None and bound >= unfilled)]
-    for key, value in sorted(p.items()):
-        if key.startswith("fairness_") and key.endswith("_spread"):
-            name = key.removesuffix("_spread")
-            out.append(Tier(name, int(value), int(value) if optimal else None, optimal))
+    fairness = [Tier(key.removesuffix("_spread"), int(v), int(v) if optimal else None, optimal)
+                for key, v in sorted(p.items())
+                if key.startswith("fairness_") and key.endswith("_spread")]
     changed = int(p.get("changed_cells_beyond_pins", 0))
+    kept = []
     if changed:  # only a replan with a previous plan changes cells
-        out.append(Tier("changed_cells", changed, changed if optimal else None, optimal))
-    return out
+        kept = [Tier("changed_cells", changed, changed if optimal else None, optimal)]
+    # stability "strict" puts changed cells above fairness (solver.model.tier_weights)
+    strict = p.get("weight_changed_cells", 0) > p.get("weight_fairness", 0)
+    lower = kept + fairness if strict else fairness + kept
+    return [Tier("unfilled", unfilled, bound, bound is not None and bound >= unfilled), *lower]
 
 
 def tiers_in_words(plan: Plan) -> str:

@@ -52,3 +52,21 @@ def test_unfilled_bound_from_the_weighted_bound() -> None:
     tier = tiers_of(fake)[0]
     assert (tier.value, tier.bound, tier.proven) == (3, 2, False)
     assert tier.words() == "3 unfilled positions (best found, at least 2)"
+
+
+def test_tier_order_follows_the_stability_setting() -> None:
+    from solver.problem import Plan, PlanLine
+
+    lines = [PlanLine(line=1, rotations={"T1": "a"})]
+    counts = {"unfilled_positions": 0, "fairness_service_spread": 2,
+              "changed_cells_beyond_pins": 3}
+    prefer = Plan(status="FEASIBLE", lines=lines, best_bound=0.0, penalties={
+        **counts, "weight_unfilled": 100, "weight_fairness": 4, "weight_changed_cells": 1})
+    strict = Plan(status="FEASIBLE", lines=lines, best_bound=0.0, penalties={
+        **counts, "weight_unfilled": 100, "weight_fairness": 1, "weight_changed_cells": 9})
+    assert [t.name for t in tiers_of(prefer)] == ["unfilled", "fairness_service",
+                                                   "changed_cells"]
+    assert [t.name for t in tiers_of(strict)] == ["unfilled", "changed_cells",
+                                                   "fairness_service"]
+    assert tiers_in_words(strict) == ("0 unfilled positions (proven); 3 changed cells (best "
+                                      "found); service spread 2 (best found)")
