@@ -65,7 +65,8 @@ def memory_refusal(problem: Problem, memory_limit_mb: float) -> str | None:
     elif uses_line_model(problem):
         advice.append("drop the pins or set options.stability \"off\" (the patterns model "
                       "then applies)")
-    advice.append(f"or raise the solver's memory cap above {need:.0f} MiB")
+    advice.append(f"or raise the solver's memory cap above {need:.0f} MiB "
+                  "(PLANNER_SOLVER_MEMORY_MB, planner solve --memory-mb)")
     return (f"request too large for the solver's memory cap: {problem.n_job_lines} lines x "
             f"{len(problem.terms)} terms x {len(problem.teams)} teams need about {need:.0f} MiB "
             f"(cap {memory_limit_mb:.0f} MiB); {', '.join(advice)}")
