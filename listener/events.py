@@ -109,6 +109,18 @@ class ProgressEvent(_Event):
         return cls(run_id=run_id, **progress.model_dump())
 
 
+class TierFigure(BaseModel):
+    """One objective tier on its own scale (issue 12): read from the plan, not the weights."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_open_schema)
+
+    name: str = Field(description="`unfilled`, `fairness_<category>` (a spread) or "
+                                   "`changed_cells`, in the order the solver optimises them.")
+    value: int
+    bound: int | None = Field(default=None, description="Proven lower bound, where known.")
+    proven: bool = Field(description="No plan does better on this tier (given the ones above).")
+
+
 class ResultMetadata(_Payload):
     """`allocation_planner_runs.result_metadata`: what the solve found, for the UI and audits.
 
@@ -126,8 +138,16 @@ class ResultMetadata(_Payload):
     unfilled: list[Unfilled] = Field(default_factory=list)
     changed_cells: int | None = None
     penalties: dict[str, float | int] = Field(default_factory=dict)
+    tiers: list[TierFigure] = Field(
+        default_factory=list,
+        description="Each tier on its own scale: the same plan always reports the same numbers "
+                    "(`objective` is the weighted sum, whose weights change with the instance).")
+    summary: str | None = Field(
+        default=None, description="The tiers in words, e.g. \"0 unfilled positions (proven); "
+                                  "service spread 1 (best found)\".")
     explanation: list[str] | None = Field(
-        default=None, description="Why no plan exists, in a manager's words (INFEASIBLE).")
+        default=None, description="Why no plan exists, in a manager's words (INFEASIBLE), "
+                                  "or that none was found within the time limit (FAILED).")
     validation_errors: list[str] | None = Field(
         default=None, description="Why the run's input is not a valid problem (FAILED).")
     peak_memory_mb: float | None = None

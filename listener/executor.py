@@ -45,6 +45,7 @@ from listener.outcome import (
 from listener.ports import ClaimedRun, EventSink, LeaseLost, RunningSolve, RunStore, SolverRunner
 from listener.settings import ListenerSettings
 from solver import Plan, Problem, SolverProcessError
+from solver.estimate import memory_refusal
 
 
 def _printable(part: object) -> str:
@@ -233,6 +234,11 @@ class RunExecutor:
             problem.n_job_lines, len(problem.terms), len(problem.teams),
             ",".join(problem.rule_sets) or "-", limit,
         )
+        refusal = memory_refusal(problem, self.s.solver_memory_mb)
+        if refusal is not None:
+            # Refused before the solve starts, never killed mid-solve (issue 12).
+            logger.error(refusal)
+            return failed(refusal)
         lease.check("while loading")
         solve = self.solver.start(problem, limit)
         lease.attach(solve)

@@ -19,9 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from listener.events import ResultMetadata, RunStatus
+from listener.events import ResultMetadata, RunStatus, TierFigure
 from solver import Plan
 from solver.problem import PlanLine
+from solver.tiers import tiers_of
 
 
 class StopReason(StrEnum):
@@ -55,12 +56,16 @@ class Result:
 
 
 def metadata_of(plan: Plan, *, worker_id: str, attempt: int) -> ResultMetadata:
-    """The plan's figures as stored in `result_metadata`."""
+    """The plan's figures as stored in `result_metadata` (tiers read from the plan itself)."""
+    tiers = tiers_of(plan)
     return ResultMetadata(
         solver_status=plan.status, objective=plan.objective, best_bound=plan.best_bound,
         gap=plan.gap, solve_seconds=plan.solve_seconds, solutions=plan.solutions,
         unfilled=plan.unfilled, changed_cells=plan.changed_cells, penalties=plan.penalties,
         explanation=plan.explanation, peak_memory_mb=plan.peak_memory_mb,
+        tiers=[TierFigure(name=t.name, value=t.value, bound=t.bound, proven=t.proven)
+               for t in tiers],
+        summary="; ".join(t.words() for t in tiers) or None,
         worker_id=worker_id, attempt=attempt,
     )
 

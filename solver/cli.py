@@ -22,6 +22,7 @@ from solver.generate import generate
 from solver.problem import Plan, Problem
 from solver.process import SolverProcessError, start_solve
 from solver.rules import RULE_SETS
+from solver.tiers import tiers_in_words
 from solver.validate import validate_plan
 
 console = Console(stderr=True)
@@ -64,6 +65,8 @@ def _summary(problem: Problem, plan: Plan) -> None:
     if plan.objective is not None:
         table.add_row("objective / bound", f"{plan.objective:g} / {plan.best_bound:g}")
         table.add_row("gap", f"{(plan.gap or 0) * 100:.2f} %")
+    if plan.lines:
+        table.add_row("tiers", tiers_in_words(plan))
     table.add_row("solve time", f"{plan.solve_seconds:.2f} s")
     table.add_row("solutions", str(plan.solutions))
     table.add_row("unfilled positions", str(sum(u.missing for u in plan.unfilled)))

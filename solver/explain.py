@@ -14,7 +14,7 @@ import time
 from loguru import logger
 from ortools.sat.python import cp_model
 
-from solver.model import GuardKey, build
+from solver.model import GuardKey, OutOfTime, build
 from solver.problem import LEAVE, NIGHTS, Problem
 from solver.rules import LONG_TERM_WEEKS, SPECS, combine, owners, pct_cap, pct_floor
 
@@ -39,21 +39,34 @@ def _solve_with(
     return status, list(solver.sufficient_assumptions_for_infeasibility())
 
 
-def minimal_core(problem: Problem) -> list[GuardKey] | None:
-    """Guard keys of a (locally) minimal infeasible subset; None if none was found in time."""
-    lm = build(problem, guarded=True)
+def minimal_core(problem: Problem, deadline: float | None = None) -> list[GuardKey] | None:
+    """Guard keys of a (locally) minimal infeasible subset; None if none was found in time.
+
+    `deadline` (time.monotonic() scale) bounds building and every check: the explanation is
+    part of the solve's time limit (issue 12). Past it, the core found so far is returned
+    (still conflicting, maybe not minimal).
+    """
+    started = time.monotonic()
+    end = started + TOTAL_SECONDS if deadline is None else min(deadline, started + TOTAL_SECONDS)
+    try:
+        lm = build(problem, guarded=True, deadline=end)
+    except OutOfTime:
+        logger.warning("explanation: no time left to build the explanation model")
+        return None
     keys = {lit.index: key for key, lit in lm.guards.items()}
     lits = list(lm.guards.values())
-    started = time.monotonic()
-    status, core_idx = _solve_with(lm.model, lits, CORE_SECONDS)
+    left = end - time.monotonic()
+    if left <= 0.01:
+        return None
+    status, core_idx = _solve_with(lm.model, lits, min(CORE_SECONDS, left))
     if status != cp_model.INFEASIBLE:
         logger.warning("explanation: no core found (status {})", status)
         return None
     core = [lm.guards[keys[i]] for i in core_idx if i in keys] or lits
     i = 0
-    while i < len(core) and time.monotonic() - started < TOTAL_SECONDS:
+    while i < len(core) and end - time.monotonic() > 0.01:
         trial = core[:i] + core[i + 1 :]
-        st, sub = _solve_with(lm.model, trial, CHECK_SECONDS)
+        st, sub = _solve_with(lm.model, trial, min(CHECK_SECONDS, end - time.monotonic()))
         if st == cp_model.INFEASIBLE:
             kept = set(sub) if sub else {v.index for v in trial}
             core = [v for v in trial if v.index in kept]
@@ -146,9 +159,9 @@ def describe(problem: Problem, key: GuardKey) -> str:
     return "/".join(key)
 
 
-def explain_infeasible(problem: Problem) -> list[str]:
+def explain_infeasible(problem: Problem, deadline: float | None = None) -> list[str]:
     """Sentences naming a smallest conflicting set found; the first one summarises."""
-    core = minimal_core(problem)
+    core = minimal_core(problem, deadline)
     if core is None:
         return ["No plan satisfies all rules and demands, and no smaller conflicting set could be "
                 "isolated in time; try relaxing demand maxima or rule sets one at a time."]

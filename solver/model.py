@@ -18,7 +18,8 @@ Parameters, callbacks and the solve loop live in `solver.search`; checking a pla
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model
@@ -28,6 +29,21 @@ from solver.rules import LONG_TERM_WEEKS, RuleSpec, combine, pct_cap, pct_floor
 
 GuardKey = tuple[str, ...]
 Lit = cp_model.IntVar
+
+
+class OutOfTime(Exception):
+    """Building passed its deadline (issue 12: the time limit bounds every phase).
+
+    Building is plain Python and CP-SAT's time limit does not cover it: measured, the line
+    model for 1,000 lines (1.6 M literals) took 40 s to build. Callers catch this and return
+    the best plan they already have.
+    """
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise OutOfTime once `deadline` (time.monotonic() scale) has passed."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise OutOfTime
 
 
 @dataclass
@@ -69,10 +85,20 @@ class LineModel:
     #: model (`solver.patterns`) builds this model over *classes* of interchangeable teams,
     #: where a class of three teams may appear in up to three terms of a line.
     multiplicity: list[int] | None = None
+    #: building stops with OutOfTime after this instant (None: no limit)
+    deadline: float | None = None
 
     @property
     def n_lines(self) -> int:
         return self.problem.n_job_lines
+
+    def lines(self) -> Iterator[int]:
+        """The line indices, checking the deadline every few lines (per-line loops are where
+        building spends its time)."""
+        for line in range(self.n_lines):
+            if line % 16 == 0:
+                check_deadline(self.deadline)
+            yield line
 
     # -- guards --------------------------------------------------------------------------
     def guard(self, *key: str) -> list[Lit]:
@@ -158,7 +184,7 @@ def add_cells(m: LineModel) -> None:
     for t, term in enumerate(p.terms):
         teams = [k for k, team in enumerate(p.teams) if (team.id, term.id) in dm]
         m.teams_by_term.append(teams)
-        for line in range(m.n_lines):
+        for line in m.lines():
             for k in teams:
                 v = m.model.new_bool_var(f"x[{line},{t},{k}]")
                 m.x[line, t, k] = v
@@ -173,7 +199,7 @@ def add_cells(m: LineModel) -> None:
 
 def add_no_repeat(m: LineModel) -> None:
     """A line never takes the same team twice."""
-    for line in range(m.n_lines):
+    for line in m.lines():
         per_team: dict[int, list[Lit]] = {}
         for _t, k, v in m.by_line[line]:
             per_team.setdefault(k, []).append(v)
@@ -193,6 +219,7 @@ def add_capacity(m: LineModel) -> None:
     term_index = {term.id: t for t, term in enumerate(p.terms)}
     strict = p.options.strict_minimum
     for d in p.demand:
+        check_deadline(m.deadline)
         k, t = team_index[d.team], term_index[d.term]
         vs = [m.x[line, t, k] for line in range(m.n_lines)]
         # An explicit count variable per cell lets bounds propagate to the aggregates used
@@ -221,7 +248,7 @@ def add_subspecialty_cap(m: LineModel) -> None:
     groups: dict[str, list[int]] = {}
     for k, team in enumerate(m.problem.teams):
         groups.setdefault(team.subspecialty.lower(), []).append(k)
-    for line in range(m.n_lines):
+    for line in m.lines():
         for ks in groups.values():
             _weeks_cap(m, line, ks, cap, "subspecialty")
 
@@ -235,7 +262,7 @@ def add_specialty_cap(m: LineModel) -> None:
     groups: dict[str, list[int]] = {}
     for k, team in enumerate(m.problem.teams):
         groups.setdefault(team.specialty.lower(), []).append(k)
-    for line in range(m.n_lines):
+    for line in m.lines():
         for ks in groups.values():
             _weeks_cap(m, line, ks, cap, "specialty")
 
@@ -247,7 +274,7 @@ def add_service_cap(m: LineModel) -> None:
         return
     cap = pct_cap(m.problem.total_weeks, pct)
     ks = _team_indices(m.problem, lambda team: team.kind == "service")
-    for line in range(m.n_lines):
+    for line in m.lines():
         _weeks_cap(m, line, ks, cap, "service")
 
 
@@ -258,7 +285,7 @@ def add_clinical_min(m: LineModel) -> None:
         return
     need = pct_floor(m.problem.total_weeks, pct)
     ks = _team_indices(m.problem, lambda team: team.kind == "clinical")
-    for line in range(m.n_lines):
+    for line in m.lines():
         m.add(m.model.add(_weighted(m, line, ks) >= need), "clinical")
 
 
@@ -268,7 +295,7 @@ def add_non_clinical_cap(m: LineModel) -> None:
     if cap is None:
         return
     ks = _team_indices(m.problem, lambda team: team.kind == "non_clinical")
-    for line in range(m.n_lines):
+    for line in m.lines():
         vs = [v for _, v in _line_cells(m, line, ks)]
         if len(vs) > cap:
             m.add(m.model.add(sum(vs) <= cap), "non_clinical")
@@ -278,7 +305,7 @@ def add_experiences(m: LineModel) -> None:
     """Each required clinical experience is covered by at least one term of every line."""
     for e in m.spec.experiences:
         ks = _team_indices(m.problem, lambda team, e=e: e in team.experiences)
-        for line in range(m.n_lines):
+        for line in m.lines():
             vs = [v for _, v in _line_cells(m, line, ks)]
             m.add(m.model.add_bool_or(vs), "experience", e)
 
@@ -290,7 +317,7 @@ def add_long_terms(m: LineModel) -> None:
         return
     long_terms = [t for t, term in enumerate(m.problem.terms) if term.weeks >= LONG_TERM_WEEKS]
     leave = set(_team_indices(m.problem, lambda team: team.has_tag(LEAVE)))
-    for line in range(m.n_lines):
+    for line in m.lines():
         on_leave = [v for t, v in _line_cells(m, line, list(leave)) if t in long_terms]
         m.add(m.model.add(len(long_terms) - sum(on_leave) >= need), "long_terms")
 
@@ -299,7 +326,7 @@ def add_specialty_minimums(m: LineModel) -> None:
     """Minimum weeks in named specialties (legacy intern core terms)."""
     for name, weeks in sorted(m.spec.min_specialty_weeks.items()):
         ks = _team_indices(m.problem, lambda team, n=name: team.specialty.lower() == n)
-        for line in range(m.n_lines):
+        for line in m.lines():
             m.add(m.model.add(_weighted(m, line, ks) >= weeks), "specialty_weeks", name)
 
 
@@ -319,7 +346,7 @@ def add_rural_cap(m: LineModel) -> None:
     if cap is None:
         return
     ks = _team_indices(m.problem, lambda team: team.rural)
-    for line in range(m.n_lines):
+    for line in m.lines():
         vs = [v for _, v in _line_cells(m, line, ks)]
         if len(vs) > cap:
             m.add(m.model.add(sum(vs) <= cap), "rural")
@@ -330,7 +357,7 @@ def add_no_consecutive_service(m: LineModel) -> None:
     if not m.spec.no_consecutive_service:
         return
     ks = _team_indices(m.problem, lambda team: team.kind == "service")
-    for line in range(m.n_lines):
+    for line in m.lines():
         per_term: dict[int, list[Lit]] = {}
         for t, v in _line_cells(m, line, ks):
             per_term.setdefault(t, []).append(v)
@@ -474,7 +501,7 @@ def add_fairness(m: LineModel) -> None:
         hi = m.model.new_int_var(0, n_terms, f"{name}_max")
         lo = m.model.new_int_var(0, n_terms, f"{name}_min")
         counts = []
-        for line in range(m.n_lines):
+        for line in m.lines():
             count = sum(v for _, v in _line_cells(m, line, ks))
             counts.append(count)
             m.model.add(hi >= count)
@@ -546,23 +573,30 @@ def set_objective(m: LineModel) -> None:
 
 
 def build(
-    problem: Problem, *, guarded: bool = False, multiplicity: list[int] | None = None
+    problem: Problem, *, guarded: bool = False, multiplicity: list[int] | None = None,
+    deadline: float | None = None,
 ) -> LineModel:
     """Build the model. `guarded=True` builds the explanation variant (no objective).
 
     `multiplicity` (team index -> how many terms of a line may take it) is for the patterns
     model's class problems; the default, one term per team, is the rule for real teams.
+    Raises OutOfTime once `deadline` (time.monotonic() scale) has passed.
     """
     m = LineModel(problem=problem, spec=combine(problem.rule_sets), model=cp_model.CpModel())
     m.guarded = guarded
     m.multiplicity = multiplicity
+    m.deadline = deadline
     add_cells(m)
     for family in RULE_FAMILIES:
+        check_deadline(deadline)
         family(m)
+    check_deadline(deadline)
     add_pins_and_stability(m)
     if not guarded:
+        check_deadline(deadline)
         add_symmetry_breaking(m)
         add_fairness(m)
         set_objective(m)
+    check_deadline(deadline)
     return m
 

@@ -48,6 +48,7 @@ from solver.heuristic import construct
 from solver.model import (
     FAIRNESS_CATEGORIES,
     LineModel,
+    OutOfTime,
     build,
     fairness_categories,
     tier_weights,
@@ -57,9 +58,11 @@ from solver.problem import LEAVE, NIGHTS, Demand, Plan, Problem, Status, Team
 from solver.rules import SPECS
 from solver.search import (
     ProgressFn,
+    _best_so_far,
     _Progress,
     _search,
     evaluate,
+    explain_deadline,
     parameters,
     plan_from_rows,
 )
@@ -189,6 +192,8 @@ class Master:
         self.vars: list[pywraplp.Variable] = []
         self.seen: set[Pattern] = set()
         self.value = math.inf
+        #: GLOP stops at this instant (time.monotonic() scale; None: no limit)
+        self.deadline: float | None = None
 
     def add(self, pattern: Pattern) -> bool:
         if pattern in self.seen:
@@ -206,7 +211,10 @@ class Master:
 
     def solve(self) -> bool:
         """False when the lower bounds the dive set cannot hold together (without them the
-        unplaced column always makes the LP feasible)."""
+        unplaced column always makes the LP feasible), or when the deadline cut GLOP short."""
+        if self.deadline is not None:
+            left_ms = int((self.deadline - time.monotonic()) * 1000)
+            self.lp.SetTimeLimit(max(10, left_ms))
         status = self.lp.Solve()
         if status != pywraplp.Solver.OPTIMAL:
             self.value = math.inf
@@ -334,7 +342,9 @@ def _rule_violations(problem: Problem, rotations: dict[str, str]) -> list[str]:
 # ------------------------------------------------------------------------------- teams
 
 
-def to_teams(cls: Classes, class_rows: list[list[int]]) -> list[list[int]] | None:
+def to_teams(
+    cls: Classes, class_rows: list[list[int]], deadline: float | None = None
+) -> list[list[int]] | None:
     """Team index per (line, term): counts split minima first, no team twice on a line.
 
     A class that no line takes twice is split greedily (each team to its minimum, then up to
@@ -372,13 +382,14 @@ def to_teams(cls: Classes, class_rows: list[list[int]]) -> list[list[int]] | Non
             quota[k, t] -= 1
             out[ln][t] = k
     for c in sorted(repeated):
-        if not _split_repeated(cls, c, class_rows, out):
+        if not _split_repeated(cls, c, class_rows, out, deadline):
             return None
     return out
 
 
 def _split_repeated(
-    cls: Classes, c: int, class_rows: list[list[int]], out: list[list[int]]
+    cls: Classes, c: int, class_rows: list[list[int]], out: list[list[int]],
+    deadline: float | None = None,
 ) -> bool:
     """Teams for every cell of class `c`: distinct on each line, fewest positions unfilled."""
     problem = cls.problem
@@ -410,7 +421,10 @@ def _split_repeated(
     model.minimize(sum(shorts))
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
-    solver.parameters.max_time_in_seconds = SPLIT_SECONDS
+    seconds = SPLIT_SECONDS
+    if deadline is not None:
+        seconds = min(seconds, max(0.05, deadline - time.monotonic()))
+    solver.parameters.max_time_in_seconds = seconds
     solver.parameters.catch_sigint_signal = False
     if solver.solve(model) not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return False
@@ -634,7 +648,11 @@ def _integer_step(
         return fixed, sum(lo for lo, _hi in cells.values()), "OPTIMAL"
     used = Counter((c, t) for row in fixed for t, c in enumerate(row))
     sub = cls.class_problem(r, used)
-    lm = build(sub, multiplicity=cls.multiplicity)
+    try:
+        lm = build(sub, multiplicity=cls.multiplicity, deadline=deadline)
+    except OutOfTime:
+        logger.debug("integer step: no time left to build the model for {} lines", r)
+        return None, 0, "UNKNOWN"
     logger.debug("integer step: model for {} lines built", r)
     unfilled = unfilled_expr(lm)
     lm.model.minimize(unfilled)
@@ -686,6 +704,7 @@ def solve_patterns(
     logger.debug("patterns model: {} teams in {} classes", len(problem.teams), len(cls.members))
     n_terms = len(problem.terms)
     master = Master(cls.cells, problem.n_job_lines, n_terms)
+    master.deadline = deadline
     pricing = Pricing(cls, num_workers)
     callback.bound_scale = w_unfilled
     # Seed the LP with the greedy construction's lines (as class patterns): measured at 1,000
@@ -694,7 +713,8 @@ def solve_patterns(
     seeded: list[list[int]] = []
     if problem.options.construction != "off":  # "off": column generation from scratch
         seeded = construct(cls.class_problem(problem.n_job_lines), seed=problem.options.seed,
-                           tries=SEED_TRIES, partial=True) or []
+                           tries=SEED_TRIES, partial=True,
+                           deadline=started + limit * CG_SHARE) or []
     for row in seeded:
         master.add(tuple(row))
     if len(seeded) == problem.n_job_lines:
@@ -712,7 +732,8 @@ def solve_patterns(
                             and bound.unfilled > 0):
         callback.emit(force=True)
         return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
-                    explanation=explain_infeasible(problem), solutions=0)
+                    explanation=explain_infeasible(problem, explain_deadline(started, limit)),
+                    solutions=0)
     logger.debug("column generation: {} columns, LP {:.3f}, bound {} ({}), {:.2f}s",
                  len(master.columns), master.value, bound.unfilled,
                  "converged" if bound.converged else "not converged", time.monotonic() - started)
@@ -750,7 +771,8 @@ def solve_patterns(
         if rows is None and cut == 0 and status == "INFEASIBLE":  # the whole class model
             callback.emit(force=True)
             return Plan(status="INFEASIBLE", solve_seconds=time.monotonic() - started,
-                        explanation=explain_infeasible(problem), solutions=0)
+                        explanation=explain_infeasible(problem, explain_deadline(started, limit)),
+                    solutions=0)
         if rows is not None and (best is None or missing < best[1]):
             best = (rows, missing)
             callback.external_solution(float(w_unfilled * missing))
@@ -761,10 +783,8 @@ def solve_patterns(
             break
         free = min(n, max(free * FREE_GROWTH, free + 1))
     if best is None:
-        callback.emit(force=True)
-        return Plan(status="UNKNOWN", solve_seconds=time.monotonic() - started,
-                    solutions=callback.solutions)
-    team_rows = to_teams(cls, best[0])
+        return _best_so_far(problem, None, weights, categories, callback, started)
+    team_rows = to_teams(cls, best[0], explain_deadline(started, limit))
     if team_rows is None:
         logger.info("patterns model: classes could not be split into teams; line model")
         left = max(0.1, deadline - time.monotonic())

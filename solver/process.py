@@ -62,6 +62,7 @@ from pathlib import Path
 from loguru import logger
 from pydantic import ValidationError
 
+from solver.estimate import memory_refusal
 from solver.problem import Plan, Problem, Progress
 from solver.protocol import (
     ErrorMessage,
@@ -92,6 +93,10 @@ class SolverProcessError(RuntimeError):
 
 class SolverOutOfMemory(SolverProcessError):
     """The child hit its memory cap (or the system's)."""
+
+
+class RequestTooLarge(SolverProcessError):
+    """Refused before starting: the estimate (`solver.estimate`) exceeds the memory cap."""
 
 
 class SolverCrashed(SolverProcessError):
@@ -533,11 +538,15 @@ def start_solve(
     time_limit_s: float | None = None,
     num_workers: int | None = None,
     spare: SpareChild | None = None,
+    check_size: bool = True,
 ) -> SolveHandle:
     """Start solving `problem` in a child process and return its handle at once.
 
-    Needs a running event loop (the handle's supervising task runs on it); from synchronous
-    code use `solve_in_child`. With `spare`, the pre-started child is used (and none is
+    Raises RequestTooLarge at once, before any child runs, when the request's memory estimate
+    exceeds `memory_limit_mb` (never killed mid-solve instead); `check_size=False` skips the
+    estimate (tests of the child's own out-of-memory handling, the safety net). Needs a
+    running event loop (the handle's supervising task runs on it); from synchronous code use
+    `solve_in_child`. With `spare`, the pre-started child is used (and none is
     started in its place: the caller refills when convenient).
     """
     try:
@@ -545,6 +554,9 @@ def start_solve(
     except RuntimeError:
         raise RuntimeError("start_solve needs a running event loop; from synchronous code "
                            "call solver.process.solve_in_child(...)") from None
+    refusal = memory_refusal(problem, memory_limit_mb) if check_size else None
+    if refusal is not None:
+        raise RequestTooLarge(refusal)
     request = SolveRequest(
         problem=problem,
         memory_limit_mb=memory_limit_mb,

@@ -21,8 +21,11 @@ from solver.heuristic import unfilled_of as heuristic_unfilled
 from solver.model import (
     FAIRNESS_CATEGORIES,
     LineModel,
+    OutOfTime,
     build,
+    fairness_categories,
     interchangeable_groups,
+    tier_weights,
     unfilled_expr,
 )
 from solver.problem import Plan, PlanLine, Problem, Progress, Status, Unfilled
@@ -32,6 +35,10 @@ ProgressFn = Callable[[Progress], None]
 
 #: Randomised constructions tried (within a time budget) for the hint.
 GREEDY_ATTEMPTS = 40
+
+#: What a solve may use beyond its time limit to finish: the infeasibility explanation and
+#: turning the best solution into a Plan (issue 12: "within the limit plus 2 s").
+GRACE_S = 1.5
 
 #: Minimum time between two progress messages (first and last are always sent).
 PROGRESS_INTERVAL_S = 0.25
@@ -194,34 +201,50 @@ def _hint_rows(lm: LineModel, rows: list[list[int]]) -> None:
         lm.model.add_hint(v, rows[line][t] == k)
 
 
-def _greedy_hint(
-    problem: Problem, lm: LineModel, budget_s: float
+def _greedy(
+    problem: Problem, budget_s: float, deadline: float
 ) -> tuple[list[list[int]], int] | None:
-    """Best of a few randomised constructions, rows reordered to respect symmetry breaking."""
+    """Best of a few randomised constructions (within `budget_s`, never past `deadline`)."""
     started = time.monotonic()
+    end = min(deadline, started + budget_s)
     best: tuple[list[list[int]], int] | None = None
     seed = problem.options.seed
     for attempt in range(GREEDY_ATTEMPTS):
-        rows = construct(problem, seed=seed * 1000 + attempt)
+        rows = construct(problem, seed=seed * 1000 + attempt, deadline=deadline)
         if rows is not None:
             u = heuristic_unfilled(problem, rows)
             if best is None or u < best[1]:
                 best = (rows, u)
             if u == 0:
                 break
-        if time.monotonic() - started > budget_s:
+        if time.monotonic() > end:
             break
-    if best is None:
-        return None
-    rows = [list(r) for r in best[0]]
+    return best
+
+
+def _symmetry_order(problem: Problem, rows: list[list[int]]) -> list[list[int]]:
+    """Rows reordered inside each interchangeable group to respect symmetry breaking."""
+    rows = [list(r) for r in rows]
     if problem.options.symmetry != "none":
-        pos = [{k: i for i, k in enumerate(ks)} for ks in lm.teams_by_term]
+        dm = problem.demand_map()
+        teams_by_term = [[k for k, team in enumerate(problem.teams) if (team.id, term.id) in dm]
+                         for term in problem.terms]
+        pos = [{k: i for i, k in enumerate(ks)} for ks in teams_by_term]
         for group in interchangeable_groups(problem):
             ordered = sorted((rows[ln] for ln in group),
                              key=lambda r: [pos[t][k] for t, k in enumerate(r)])
             for ln, r in zip(group, ordered, strict=True):
                 rows[ln] = r
-    return rows, best[1]
+    return rows
+
+
+def change_max(problem: Problem) -> int:
+    """Previous cells that may change (the changed-cells tier's range), as the model counts."""
+    if problem.previous_plan is None or problem.options.stability == "off":
+        return 0
+    keep = problem.options.keep_pinned
+    return sum(1 for p in problem.previous_plan.lines for t in p.rotations
+               if not (keep and t in p.pinned))
 
 
 def _hint_solution(lm: LineModel, solver: cp_model.CpSolver) -> None:
@@ -240,7 +263,9 @@ def _search(
 ) -> tuple[Status, cp_model.CpSolver]:
     solver = cp_model.CpSolver()
     solver.parameters.copy_from(params)
-    solver.parameters.max_time_in_seconds = max(0.01, seconds)
+    # CP-SAT overshoots its own limit by ~0.5 s on a 100k-literal model (measured at 250
+    # lines, more on a loaded box): stop it a little early so the plan is back in time.
+    solver.parameters.max_time_in_seconds = max(0.01, seconds - min(0.5, 0.05 * seconds))
     solver.best_bound_callback = callback.on_bound
     done = threading.Event()
     if stop is not None:
@@ -277,43 +302,56 @@ def solve(
                               num_workers=num_workers)
     started = time.monotonic()
     limit = problem.options.time_limit_seconds
-    lm = build(problem)
-    params = parameters(problem, num_workers)
+    deadline = started + limit
     callback = _Progress(on_progress, limit)
-    callback.full_objective = lm.objective
+    categories = fairness_categories(problem)
+    weights = tier_weights(problem, len(categories), change_max(problem))
     if stop is not None and stop.is_set():
         return Plan(status="UNKNOWN", solve_seconds=time.monotonic() - started)
-    logger.debug("model built in {:.2f}s", time.monotonic() - started)
-
-    unfilled = unfilled_expr(lm)
+    # The construction runs before the model is built: at 1,000 lines building takes longer
+    # than a short limit, and the constructed plan is then the best plan there is.
     greedy_objective = -1.0
     greedy = None
     if problem.options.construction != "off":
-        greedy = _greedy_hint(problem, lm, budget_s=min(1.0, limit / 10))
+        greedy = _greedy(problem, budget_s=min(1.0, limit / 10), deadline=deadline)
     if greedy is not None:
-        _hint_rows(lm, greedy[0])
+        greedy = (_symmetry_order(problem, greedy[0]), greedy[1])
         logger.debug("greedy hint: {} unfilled", greedy[1])
-        tiers = _tier_totals(evaluate(problem, list(lm.spreads), greedy[0]))
-        greedy_objective = float(sum(lm.weights[k] * v for k, v in tiers.items()))
+        tiers = _tier_totals(evaluate(problem, categories, greedy[0]))
+        greedy_objective = float(sum(weights[k] * v for k, v in tiers.items()))
         callback.external_solution(greedy_objective)
-    status: Status
-    solver: cp_model.CpSolver | None = None
     shortcut = problem.options.construction == "full"
     if greedy is not None and greedy_objective == 0 and shortcut:
         # Every tier is a non-negative count, so a constructed plan scoring 0 is optimal by
-        # definition: no search can improve it.
-        status = "OPTIMAL"
-    elif greedy is not None and greedy[1] == 0:
+        # definition: no search can improve it (and no model needs building).
+        return plan_from_rows(problem, greedy[0], status="OPTIMAL", weights=weights,
+                              categories=categories, callback=callback, started=started)
+    try:
+        lm = build(problem, deadline=deadline)
+    except OutOfTime:
+        logger.info("time limit reached while building the model ({:.1f}s)",
+                    time.monotonic() - started)
+        return _best_so_far(problem, greedy, weights, categories, callback, started)
+    callback.full_objective = lm.objective
+    logger.debug("model built in {:.2f}s", time.monotonic() - started)
+    params = parameters(problem, num_workers)
+    unfilled = unfilled_expr(lm)
+    if greedy is not None:
+        _hint_rows(lm, greedy[0])
+    status: Status
+    solver: cp_model.CpSolver | None = None
+    if greedy is not None and greedy[1] == 0:
         # The construction already fills every minimum: tier 1 is proven 0, skip phase 1.
         status, best_unfilled = "OPTIMAL", 0
     else:
         # Phase 1: unfilled positions only (bound reported on the full objective's scale).
         lm.model.minimize(unfilled)
         callback.bound_scale = lm.weights["unfilled"]
-        status, solver = _search(lm, params, limit - (time.monotonic() - started), callback, stop)
+        status, solver = _search(lm, params, deadline - time.monotonic(), callback, stop)
         best_unfilled = round(solver.objective_value) if status in ("OPTIMAL", "FEASIBLE") else 0
-    if status in ("OPTIMAL", "FEASIBLE") and not (greedy and greedy_objective == 0 and shortcut):
-        remaining = limit - (time.monotonic() - started)
+        logger.debug("phase 1: {} ({:.2f}s)", status, time.monotonic() - started)
+    if status in ("OPTIMAL", "FEASIBLE"):
+        remaining = deadline - time.monotonic()
         if remaining > 0.05 and not (stop is not None and stop.is_set()):
             if solver is not None:
                 _hint_solution(lm, solver)
@@ -321,6 +359,7 @@ def solve(
             lm.model.minimize(lm.objective)
             callback.bound_scale = 1
             status2, solver2 = _search(lm, params, remaining, callback, stop)
+            logger.debug("phase 2: {} ({:.2f}s)", status2, time.monotonic() - started)
             if status2 in ("OPTIMAL", "FEASIBLE"):
                 if status == "FEASIBLE":
                     status2 = "FEASIBLE"  # phase 1 not proven: the whole is not proven
@@ -333,28 +372,45 @@ def solve(
             status = "FEASIBLE"  # the remaining tiers were not optimised
         else:
             status = "UNKNOWN"
-    elapsed = time.monotonic() - started
     if status == "INFEASIBLE":
         callback.emit(force=True)
         return Plan(
             status="INFEASIBLE",
-            solve_seconds=elapsed,
-            explanation=explain_infeasible(problem),
+            solve_seconds=time.monotonic() - started,
+            explanation=explain_infeasible(problem, explain_deadline(started, limit)),
             solutions=0,
         )
     if solver is not None and status in ("OPTIMAL", "FEASIBLE"):
-        rows = _rows_from(lm, solver)
-    elif greedy is not None and status == "OPTIMAL" and greedy_objective == 0 and shortcut:
-        rows = greedy[0]  # proven optimal by construction (objective 0)
-    elif greedy is not None and (greedy[1] == 0 or not problem.options.strict_minimum):
-        # Stopped or out of time before CP-SAT found anything: the construction is still a
-        # valid plan, and "the best plan so far".
-        rows, status = greedy[0], "FEASIBLE"
-    else:
-        callback.emit(force=True)
-        return Plan(status=status, solve_seconds=elapsed, solutions=callback.solutions)
-    return plan_from_rows(problem, rows, status=status, weights=lm.weights,
-                          categories=list(lm.spreads), callback=callback, started=started)
+        return plan_from_rows(problem, _rows_from(lm, solver), status=status,
+                              weights=lm.weights, categories=list(lm.spreads),
+                              callback=callback, started=started)
+    return _best_so_far(problem, greedy, lm.weights, categories, callback, started)
+
+
+def explain_deadline(started: float, limit: float) -> float:
+    """The explanation may use the time left plus GRACE_S (the limit covers it, issue 12)."""
+    return started + limit + GRACE_S
+
+
+def _best_so_far(
+    problem: Problem,
+    greedy: tuple[list[list[int]], int] | None,
+    weights: dict[str, int],
+    categories: list[str],
+    callback: _Progress,
+    started: float,
+) -> Plan:
+    """Stopped or out of time before CP-SAT found anything: the construction is still a
+    valid plan, and "the best plan so far"; without one, UNKNOWN says so in words."""
+    if greedy is not None and (greedy[1] == 0 or not problem.options.strict_minimum):
+        return plan_from_rows(problem, greedy[0], status="FEASIBLE", weights=weights,
+                              categories=categories, callback=callback, started=started)
+    callback.emit(force=True)
+    limit = problem.options.time_limit_seconds
+    return Plan(status="UNKNOWN", solve_seconds=time.monotonic() - started,
+                solutions=callback.solutions,
+                explanation=[f"No plan was found within the time limit of {limit:g} s; "
+                             "raise options.time_limit_seconds or ask for fewer job lines."])
 
 
 def plan_from_rows(

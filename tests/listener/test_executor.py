@@ -226,3 +226,31 @@ def test_decide_maps_every_plan_and_stop_to_one_status(
     assert result.status is expected
     assert (result.lines is not None) == (expected is RunStatus.COMPLETED)
     assert (result.error is not None) == (expected is RunStatus.FAILED)
+
+
+def test_result_metadata_reports_tiers_from_the_plan_not_the_weights() -> None:
+    """Issue 12: the same plan under two instances' weightings reports the same tiers."""
+    counts = {"unfilled_positions": 0, "fairness_service_spread": 1,
+              "changed_cells_beyond_pins": 0}
+    a = PLAN.model_copy(update={"status": "FEASIBLE", "objective": 2.0, "best_bound": 0.0,
+                                "penalties": {**counts, "weight_unfilled": 4,
+                                              "weight_fairness": 2}})
+    b = a.model_copy(update={"objective": 1252.0, "penalties": {
+        **counts, "weight_unfilled": 1252, "weight_fairness": 25}})
+    ma, mb = (metadata_of(p, worker_id="w", attempt=1) for p in (a, b))
+    assert ma.tiers == mb.tiers and ma.summary == mb.summary
+    assert ma.summary == "0 unfilled positions (proven); service spread 1 (best found)"
+    assert [(t.name, t.value, t.proven) for t in ma.tiers] == [
+        ("unfilled", 0, True), ("fairness_service", 1, False)]
+    assert metadata_of(Plan(status="UNKNOWN"), worker_id="w", attempt=1).summary is None
+
+
+async def test_a_request_over_the_memory_cap_is_refused_before_the_solve_starts() -> None:
+    """Issue 12: refused with what to change (FAILED), never started and killed mid-solve."""
+    rig = Rig(ScriptedSolver(PLAN), solver_memory_mb=64)
+    assert await rig.execute() is Outcome.FAILED
+    assert rig.solver.started == [], "no solve may start"
+    assert rig.stored.status is RunStatus.FAILED
+    error = rig.stored.error
+    assert error.startswith("request too large for the solver's memory cap: 3 lines")
+    assert "ask for at most" in error and "raise the solver's memory cap" in error

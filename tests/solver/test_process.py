@@ -104,14 +104,14 @@ async def test_stop_before_anything_found_is_unknown() -> None:
 
 
 async def test_tiny_memory_cap_is_a_clean_error() -> None:
-    handle = start_solve(small_generated(["VIC_PGY1"]), memory_limit_mb=1)
+    handle = start_solve(small_generated(["VIC_PGY1"]), memory_limit_mb=1, check_size=False)
     with pytest.raises(SolverOutOfMemory, match="below the solver's baseline"):
         await asyncio.wait_for(handle.result(), 30)
 
 
 async def test_memory_cap_hit_while_solving_is_a_clean_error() -> None:
     p = small_generated(["VIC_PGY1"], lines=250, teams=80)
-    handle = start_solve(p, memory_limit_mb=360, num_workers=2)
+    handle = start_solve(p, memory_limit_mb=360, num_workers=2, check_size=False)
     with pytest.raises(SolverOutOfMemory) as info:
         await asyncio.wait_for(handle.result(), 60)
     assert isinstance(info.value, SolverProcessError)
