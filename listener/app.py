@@ -23,6 +23,7 @@ import os
 import signal
 import uuid
 from collections import OrderedDict
+from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any
 
@@ -183,8 +184,7 @@ class Listener:
                     logger.warning("listener heartbeat failed: {}", exc)
             # A fixed cadence: the round trip's time is not added to every interval.
             due = max(due + self.s.heartbeat_interval_s, clock.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.draining.wait(), timeout=due - clock.time())
+            await self._pause(due - clock.time())
         with contextlib.suppress(Exception):
             await self.db.listener_heartbeat(self.s.worker_id, stopping=True)
 
@@ -193,10 +193,7 @@ class Listener:
         back below this release's migrations, pauses claiming until it passes again."""
         assert self.db is not None
         while not self.draining.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.draining.wait(),
-                                       timeout=self.s.self_check_interval_s)
-            if self.draining.is_set():
+            if await self._pause(self.s.self_check_interval_s):
                 return
             try:
                 result = await selfcheck.check(self.db, expected)
@@ -222,12 +219,25 @@ class Listener:
         """Wait until the self-check passes (True) or the listener drains (False)."""
         if self.checks_ok.is_set():
             return True
-        ok = asyncio.create_task(self.checks_ok.wait())
+        return await self._unless_draining(self.checks_ok.wait()) and not self.draining.is_set()
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep up to `seconds`, cut short by a drain; returns whether the listener drains."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.draining.wait(), timeout=max(seconds, 0.0))
+        return self.draining.is_set()
+
+    async def _unless_draining(self, waiting: Coroutine[Any, Any, Any]) -> bool:
+        """Await `waiting` unless a drain comes first: True when `waiting` finished (also if
+        both did), False when the drain won (`waiting` is then cancelled)."""
+        task = asyncio.create_task(waiting)
         drain = asyncio.create_task(self.draining.wait())
-        await asyncio.wait({ok, drain}, return_when=asyncio.FIRST_COMPLETED)
-        ok.cancel()
+        await asyncio.wait({task, drain}, return_when=asyncio.FIRST_COMPLETED)
         drain.cancel()
-        return self.checks_ok.is_set() and not self.draining.is_set()
+        if task.done():
+            return True
+        task.cancel()
+        return False
 
     async def _work_loop(self, executor: RunExecutor) -> None:
         assert self.db is not None
@@ -235,12 +245,7 @@ class Listener:
         while not self.draining.is_set():
             if not await self._wait_checks_ok():
                 break
-            woken = asyncio.create_task(self.wake.wait())
-            drain = asyncio.create_task(self.draining.wait())
-            await asyncio.wait({woken, drain}, return_when=asyncio.FIRST_COMPLETED)
-            drain.cancel()
-            if not woken.done():
-                woken.cancel()
+            if not await self._unless_draining(self.wake.wait()):
                 break
             hinted = self.wake.take()
             claim_started = asyncio.get_running_loop().time()
@@ -250,8 +255,7 @@ class Listener:
             except Exception as exc:
                 delay = claim_retry.next_delay()
                 logger.warning("claim failed: {}; will retry in {:.1f}s", exc, delay)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.draining.wait(), timeout=delay)
+                await self._pause(delay)
                 self.resync()
                 continue
             claim_retry.reset()
