@@ -147,14 +147,22 @@ as $$
     join ranked me on me.organization_id = p.organization_id
 $$;
 
+-- Listeners that beat within the stale-run TTL: those that could take a run now.
+create function planner_private.live_listeners()
+returns integer
+language sql stable set search_path = ''
+as $$
+  select count(*)::integer
+    from planner_private.listener_heartbeats h, planner_engine.settings s
+   where s.id and h.beat_at > now() - s.stale_run_ttl
+$$;
+
 create function planner_private.estimated_start(p_runs_ahead integer)
 returns timestamptz
 language sql stable set search_path = ''
 as $$
   with l as (
-    select count(*)::integer as live
-      from planner_private.listener_heartbeats h, planner_engine.settings s
-     where s.id and h.beat_at > now() - s.stale_run_ttl
+    select planner_private.live_listeners() as live
   ), d as (
     select coalesce(avg(extract(epoch from x.finished_at - x.claimed_at)), 60) as avg_s
       from (select r.finished_at, r.claimed_at
@@ -201,9 +209,7 @@ begin
       hint = 'members of the run''s organisation can follow its place in the queue';
   end if;
   status := r.status;
-  select count(*)::integer into live_listeners
-    from planner_private.listener_heartbeats h, planner_engine.settings s
-   where s.id and h.beat_at > now() - s.stale_run_ttl;
+  live_listeners := planner_private.live_listeners();
   if r.status = 'PENDING' then
     select q.runs_ahead into runs_ahead from planner_private.queue_positions() q
      where q.run_id = r.id;
@@ -391,7 +397,8 @@ $$;
 revoke all on function planner_engine.listener_heartbeat(text, boolean),
   planner_engine.queue_positions(integer)
   from public, anon, authenticated;
-revoke all on function planner_private.queue_positions(), planner_private.estimated_start(integer)
+revoke all on function planner_private.queue_positions(), planner_private.estimated_start(integer),
+  planner_private.live_listeners()
   from public, anon, authenticated;
 grant execute on function planner_engine.listener_heartbeat(text, boolean),
   planner_engine.queue_positions(integer)

@@ -202,6 +202,7 @@ PRIVILEGES: dict[str, tuple[str, str, str]] = {
     "planner_engine.queue_positions(integer)": ("", "", "execute"),
     "planner_private.queue_positions()": ("", "", ""),
     "planner_private.estimated_start(integer)": ("", "", ""),
+    "planner_private.live_listeners()": ("", "", ""),
     "public.restore_job_lines(uuid)": ("", "execute", ""),
     "public.invite_member(uuid,text,text)": ("", "execute", ""),
     "public.accept_invitation(uuid)": ("", "execute", ""),
