@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from pydantic import ValidationError
@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from solver.generate import generate
-from solver.problem import Plan, Problem
+from solver.problem import ModelName, Plan, Problem
 from solver.process import SolverProcessError, start_solve
 from solver.rules import RULE_SETS
 from solver.tiers import tiers_in_words
@@ -150,9 +150,9 @@ def register(app: typer.Typer) -> None:
         if deterministic:
             updates["deterministic"] = True
         if model is not None:
-            if model not in ("lines", "patterns"):
-                console.print(f"[red]unknown model {model!r}:[/] use --model lines or "
-                              "--model patterns")
+            if model not in get_args(ModelName):
+                console.print(f"[red]unknown model {model!r}:[/] use --model "
+                              + " or --model ".join(get_args(ModelName)))
                 raise typer.Exit(EXIT_INVALID)
             updates["model"] = model
         problem = loaded.model_copy(

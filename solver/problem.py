@@ -19,6 +19,8 @@ from solver.rules import RULE_SETS, TERMS_REQUIRED
 
 TeamKind = Literal["clinical", "service", "non_clinical"]
 Status = Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNKNOWN", "INVALID"]
+#: The solver's models (Options.model; `planner solve --model`).
+ModelName = Literal["lines", "patterns"]
 
 #: Tags with a meaning for the rules; other tags are carried along untouched.
 LEAVE = "LEAVE"
@@ -119,7 +121,7 @@ class Options(_Strict):
     #: "lines": one Boolean per line x term x team (`solver.model`), the baseline;
     #: "patterns": column generation over classes of interchangeable teams
     #: (`solver.patterns`, docs/solver.md), for large and tight allocations.
-    model: Literal["lines", "patterns"] = "lines"
+    model: ModelName = "lines"
 
 
 class Problem(_Strict):
